@@ -1,0 +1,24 @@
+"""Every normalization layer of the project and the registry that names them (the only place norm classes live)."""
+
+from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
+from .brn import BatchRenorm2d
+from .centering import CenteredWeight, bake_weight_centering, center_conv_weights, conv_norm_pairs
+from .groupnorm import GroupNorm
+from .mabn import MABN2d
+from .registry import (
+    NormContext,
+    NormRecipe,
+    batch_dependent_types,
+    build_norm,
+    foldable_types,
+    norm_types,
+    register_norm,
+    registered_norms,
+)
+
+__all__ = [
+    "BatchNorm2d", "BatchRenorm2d", "CenteredWeight", "FrozenBatchNorm2d", "GroupNorm", "MABN2d",
+    "NormContext", "NormRecipe", "bake_weight_centering", "batch_dependent_types", "build_norm",
+    "center_conv_weights", "conv_norm_pairs", "foldable_types", "norm_types", "register_norm",
+    "registered_norms", "SyncBatchNorm",
+]

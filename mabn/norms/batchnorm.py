@@ -1,0 +1,133 @@
+"""BatchNorm with the grouped ("ghost batch") normalization batch, and frozen BatchNorm."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import (
+    check_group_size,
+    check_input,
+    check_momentum,
+    empty_forward,
+    num_groups,
+    sequential_ema,
+    stat_dtype,
+)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose statistics come from groups of ``group_size`` samples of the device batch.
+
+    One call on G·n samples equals G consecutive calls on the slices of n samples (same outputs, gradients
+    and final running statistics; DESIGN.md's grouped contract). ``group_size=None`` is plain BatchNorm2d.
+    State-dict keys are those of ``nn.BatchNorm2d``, so torchvision checkpoints load unchanged.
+    """
+
+    def __init__(self, num_features: int, *, group_size: int | None = None, eps: float = 1e-5,
+                 momentum: float = 0.1, affine: bool = True):
+        super().__init__(num_features, eps=eps, momentum=check_momentum(momentum), affine=affine)
+        self.group_size = check_group_size(group_size)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.num_features, type(self).__name__)
+        if x.shape[0] == 0:
+            return empty_forward(x, self.weight, self.bias)
+        if not self.training:
+            return super().forward(x)
+        groups, n = num_groups(x.shape[0], self.group_size)
+        count = n * x[0, 0].numel()
+        if count < 2:
+            raise ValueError(
+                f"BatchNorm needs more than 1 value per channel in a normalization batch, got group of "
+                f"{n} sample(s) of spatial size {tuple(x.shape[2:])}"
+            )
+        if groups == 1:
+            return super().forward(x)
+        return self._grouped_forward(x, groups, n)
+
+    def _grouped_forward(self, x: Tensor, groups: int, n: int) -> Tensor:
+        # Fold the G groups into the channel axis: (G·n, C, ...) -> (n, G·C, ...), so one native batch-norm
+        # call normalizes each (group, channel) pair over its own n samples.
+        c, spatial = self.num_features, x.shape[2:]
+        xg = x.reshape(groups, n, c, *spatial).transpose(0, 1).reshape(n, groups * c, *spatial)
+        w = self.weight.repeat(groups) if self.affine else None
+        b = self.bias.repeat(groups) if self.affine else None
+        y = F.batch_norm(xg, None, None, w, b, True, 0.0, self.eps)
+        y = y.reshape(n, groups, c, *spatial).transpose(0, 1).reshape(x.shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                dt = stat_dtype(x)
+                xf = x.detach().reshape(groups, n, c, -1).to(dt)
+                var, mean = torch.var_mean(xf, dim=(1, 3), correction=1)
+                _, new_mean = sequential_ema(self.running_mean.to(dt), mean, self.momentum)
+                _, new_var = sequential_ema(self.running_var.to(dt), var, self.momentum)
+                self.running_mean.copy_(new_mean)
+                self.running_var.copy_(new_var)
+                self.num_batches_tracked.add_(groups)
+        return y
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """torch's SyncBatchNorm (the synchronised baseline); an unsynchronised empty batch leaves state untouched.
+
+    Inside a process group an empty local batch still joins the collective (other ranks wait on it), so
+    there it defers to torch.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        syncing = self.training and dist.is_available() and dist.is_initialized()
+        if x.shape[0] == 0 and not syncing:
+            return empty_forward(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine (buffers, not parameters): y = x·scale + shift.
+
+    Loads ``nn.BatchNorm2d`` state dicts (``num_batches_tracked`` is ignored).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """The per-channel affine map this layer applies."""
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.num_features, type(self).__name__)
+        scale, shift = self.scale_shift()
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm2d:
+        """A frozen copy of a BatchNorm-like layer's current eval-mode statistics and affine."""
+        frozen = cls(bn.num_features, eps=bn.eps)
+        with torch.no_grad():
+            if getattr(bn, "weight", None) is not None:
+                frozen.weight.copy_(bn.weight)
+                frozen.bias.copy_(bn.bias)
+            frozen.running_mean.copy_(bn.running_mean)
+            frozen.running_var.copy_(bn.running_var)
+        return frozen.to(bn.running_var.device)

@@ -1,0 +1,92 @@
+"""Weight-centred convolutions feeding MABN (Yan et al. 2020, Sec. 4.3), as a model transform.
+
+W[o] <- W[o] - mean(W[o]) over (in, kh, kw): the conv output is then ~zero-mean per channel, so the second
+moment MABN normalizes by approximates the variance. Applied with ``torch.nn.utils.parametrize`` so the
+stored parameter stays the raw weight (optimizer, checkpoints) and the conv always sees the centred one.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .registry import norm_types
+
+
+class CenteredWeight(nn.Module):
+    """Parametrization W -> W - mean over every axis but the output-filter axis."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight - weight.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+
+
+def conv_norm_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, nn.Module]]:
+    """(conv name, conv, norm name, norm) for every Conv2d whose output feeds a registered norm directly.
+
+    Structural rule, as torchvision/detectron2/pycls ResNets are written: the norm is the next module after
+    the conv in registration order (a child of the conv counts, as in detectron2's ``Conv2d(norm=...)``)
+    and has ``num_features == conv.out_channels``.
+    """
+    types = norm_types()
+    mods = [(n, m) for n, m in model.named_modules()
+            if ".parametrizations" not in n and not isinstance(m, parametrize.ParametrizationList)]
+    pairs = []
+    for (cname, conv), (nname, norm) in itertools.pairwise(mods):
+        if (isinstance(conv, nn.Conv2d) and isinstance(norm, types)
+                and _channels(norm) == conv.out_channels):
+            pairs.append((cname, conv, nname, norm))
+    return pairs
+
+
+def _channels(norm: nn.Module) -> int | None:
+    return getattr(norm, "num_features", None) or getattr(norm, "num_channels", None)
+
+
+def center_conv_weights(model: nn.Module, norm_types_to_center: tuple[type, ...] | None = None) -> list[str]:
+    """Parametrize every conv feeding a norm of the given types (default: MABN2d) to use centred weights.
+
+    Returns the names of the centred convs. Idempotent: an already-centred conv is left as is.
+    """
+    from .mabn import MABN2d
+
+    targets = norm_types_to_center or (MABN2d,)
+    names = []
+    for cname, conv, _, norm in conv_norm_pairs(model):
+        if not isinstance(norm, targets):
+            continue
+        if not is_centered(conv):
+            parametrize.register_parametrization(conv, "weight", CenteredWeight())
+        names.append(cname)
+    return names
+
+
+def is_centered(conv: nn.Module) -> bool:
+    """Whether ``conv.weight`` goes through a CenteredWeight parametrization."""
+    return parametrize.is_parametrized(conv, "weight") and any(
+        isinstance(p, CenteredWeight) for p in conv.parametrizations.weight)
+
+
+def bake_weight_centering(model: nn.Module) -> nn.Module:
+    """Replace each centring parametrization by a plain weight holding the centred values (in place)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and is_centered(module):
+            unparametrize_weight(module)
+    return model
+
+
+def unparametrize_weight(conv: nn.Module) -> None:
+    """``remove_parametrizations(conv, "weight", leave_parametrized=True)``, safe on deep copies.
+
+    torch's version deletes the ``weight`` property from the generated ``Parametrized*`` class, which a
+    ``copy.deepcopy`` of the module shares with the original: removing it from a copy breaks the original.
+    Here only the instance changes: it gets its plain class back and a plain Parameter.
+    """
+    if set(conv.parametrizations.keys()) != {"weight"}:
+        raise ValueError(f"{type(conv).__name__} has parametrizations other than weight: "
+                         f"{sorted(conv.parametrizations.keys())}")
+    weight = conv.weight.detach().clone()
+    conv.__class__ = conv.__class__.__bases__[0]
+    del conv.parametrizations
+    conv.weight = nn.Parameter(weight)

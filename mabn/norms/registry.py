@@ -1,0 +1,212 @@
+"""The norm registry: names -> builders of channel-first constructors, and the derived tuples of norm types."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
+from .brn import BatchRenorm2d
+from .groupnorm import GroupNorm
+from .mabn import MABN2d
+
+NormCtor = Callable[[int], nn.Module]
+
+
+@dataclass(frozen=True)
+class NormContext:
+    """Runtime facts a recipe may depend on (bound by the registry, never read from globals by a layer).
+
+    ``norm_batch``: samples per normalization batch n (None = the device batch); ``device_batch``: samples per
+    device per step; ``world_size``: devices; ``total_iters``: training iterations of the run (if known).
+    """
+
+    norm_batch: int | None = None
+    device_batch: int | None = None
+    world_size: int = 1
+    total_iters: int | None = None
+
+    @property
+    def group_size(self) -> int | None:
+        """``group_size`` for batch-dependent layers: None when n is the whole device batch."""
+        if self.norm_batch is None or self.norm_batch == self.device_batch:
+            return None
+        if self.device_batch is not None and self.device_batch % self.norm_batch:
+            raise ValueError(f"normalization batch {self.norm_batch} must divide the device batch {self.device_batch}")
+        return self.norm_batch
+
+    @property
+    def groups_per_step(self) -> int:
+        """Normalization batches per device per iteration (what layer counters advance by each step)."""
+        if self.group_size is None or self.device_batch is None:
+            return 1
+        return self.device_batch // self.group_size
+
+
+@dataclass(frozen=True)
+class NormRecipe:
+    """What a model builder needs: the constructor, and whether convs feeding the norm are weight-centred."""
+
+    name: str
+    ctor: NormCtor
+    weight_centering: bool = False
+    batch_dependent: bool = False
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    builder: Callable[[dict, NormContext], NormRecipe]
+    types: tuple[type, ...]
+    defaults: Mapping[str, Any]
+    batch_dependent: bool
+    foldable: bool
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_norm(name: str, *, types: tuple[type, ...], defaults: Mapping[str, Any], batch_dependent: bool,
+                  foldable: bool):
+    """Decorator registering ``builder(params, context) -> NormRecipe`` under ``name``."""
+
+    def deco(builder):
+        if name in _REGISTRY:
+            raise ValueError(f"norm {name!r} is already registered")
+        _REGISTRY[name] = _Entry(builder, types, dict(defaults), batch_dependent, foldable)
+        return builder
+
+    return deco
+
+
+def registered_norms() -> tuple[str, ...]:
+    """Every registered norm name, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def _types(pred: Callable[[_Entry], bool]) -> tuple[type, ...]:
+    out: list[type] = []
+    for entry in _REGISTRY.values():
+        if pred(entry):
+            out.extend(t for t in entry.types if t not in out)
+    return tuple(out)
+
+
+def norm_types() -> tuple[type, ...]:
+    """All normalization layer types (for no-weight-decay groups, precise-BN, folding, diagnostics)."""
+    return _types(lambda e: True)
+
+
+def batch_dependent_types() -> tuple[type, ...]:
+    """Types whose training output depends on the other samples of the batch (bn, brn, mabn, syncbn)."""
+    return _types(lambda e: e.batch_dependent)
+
+
+def foldable_types() -> tuple[type, ...]:
+    """Types whose eval mode is a per-channel affine map that folds into the preceding conv."""
+    return _types(lambda e: e.foldable)
+
+
+def build_norm(cfg: Mapping[str, Any] | str, context: NormContext | None = None) -> NormRecipe:
+    """Turn a flat norm config (``{"name": "mabn", **hyper_params}`` or a bare name) into a recipe.
+
+    Unknown names and unknown hyper-parameters raise a ValueError listing the valid ones.
+    """
+    params = {"name": cfg} if isinstance(cfg, str) else dict(cfg)
+    name = params.pop("name", None)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown norm {name!r}; registered norms: {', '.join(registered_norms())}")
+    entry = _REGISTRY[name]
+    unknown = sorted(set(params) - set(entry.defaults))
+    if unknown:
+        raise ValueError(f"unknown hyper-parameter(s) {unknown} for norm {name!r}; valid: {sorted(entry.defaults)}")
+    merged = {**entry.defaults, **{k: v for k, v in params.items() if v is not None}}
+    ctx = context or NormContext()
+    recipe = entry.builder(merged, ctx)
+    _check_ctor(recipe)
+    return recipe
+
+
+def _check_ctor(recipe: NormRecipe) -> None:
+    # Build one layer now so that a bad hyper-parameter fails before any model or data is built.
+    try:
+        recipe.ctor(64)
+    except ValueError as err:
+        raise ValueError(f"norm {recipe.name!r} with {dict(recipe.params)}: {err} "
+                         f"(checked on a 64-channel layer when the config was built)") from err
+
+
+def _iters(value: int, ctx: NormContext, scale: float = 1.0) -> int:
+    """Training iterations -> normalization batches, which is what layer counters count."""
+    return int(round(value * scale)) * ctx.groups_per_step
+
+
+@register_norm("bn", types=(BatchNorm2d, nn.BatchNorm2d), defaults={"eps": 1e-5, "momentum": 0.1},
+               batch_dependent=True, foldable=True)
+def _build_bn(p: dict, ctx: NormContext) -> NormRecipe:
+    ctor = functools.partial(BatchNorm2d, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"])
+    return NormRecipe("bn", ctor, batch_dependent=True, params=p)
+
+
+
+
+@register_norm("gn", types=(nn.GroupNorm,), defaults={"num_groups": 32, "eps": 1e-5},
+               batch_dependent=False, foldable=False)
+def _build_gn(p: dict, ctx: NormContext) -> NormRecipe:
+    return NormRecipe("gn", functools.partial(GroupNorm, num_groups=p["num_groups"], eps=p["eps"]), params=p)
+
+
+@register_norm("brn", types=(BatchRenorm2d,),
+               defaults={"eps": 1e-5, "momentum": 0.1, "r_max": 3.0, "d_max": 5.0, "warmup_iters": 5000,
+                         "r_max_iters": 40000, "d_max_iters": 25000, "schedule_ref_iters": None},
+               batch_dependent=True, foldable=True)
+def _build_brn(p: dict, ctx: NormContext) -> NormRecipe:
+    # Schedule lengths are given in training iterations (as in Ioffe 2017); with schedule_ref_iters set they
+    # are scaled by total_iters / schedule_ref_iters ("scale these with run length").
+    scale = 1.0
+    if p["schedule_ref_iters"] is not None and ctx.total_iters is not None:
+        scale = ctx.total_iters / p["schedule_ref_iters"]
+    ctor = functools.partial(
+        BatchRenorm2d, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"], r_max=p["r_max"],
+        d_max=p["d_max"], warmup_iters=_iters(p["warmup_iters"], ctx, scale),
+        r_max_iters=_iters(p["r_max_iters"], ctx, scale), d_max_iters=_iters(p["d_max_iters"], ctx, scale))
+    return NormRecipe("brn", ctor, batch_dependent=True, params=p)
+
+
+SIMULATED_BATCH = 32  # MABN's default window is simulated batch / n (paper: n = 2 -> m = 16)
+
+
+@register_norm("mabn", types=(MABN2d,),
+               defaults={"window": None, "eps": 1e-5, "momentum": 0.02, "warmup_iters": 100,
+                         "renorm_iters": 1000, "r_max": 5.0, "weight_centering": True},
+               batch_dependent=True, foldable=True)
+def _build_mabn(p: dict, ctx: NormContext) -> NormRecipe:
+    n = ctx.norm_batch or ctx.device_batch
+    window = p["window"] if p["window"] is not None else max(1, SIMULATED_BATCH // n) if n else 16
+    ctor = functools.partial(
+        MABN2d, window=window, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"],
+        warmup_iters=_iters(p["warmup_iters"], ctx), renorm_iters=_iters(p["renorm_iters"], ctx),
+        r_max=p["r_max"])
+    return NormRecipe("mabn", ctor, weight_centering=bool(p["weight_centering"]), batch_dependent=True,
+                      params={**p, "window": window})
+
+
+@register_norm("syncbn", types=(nn.SyncBatchNorm,), defaults={"eps": 1e-5, "momentum": 0.1},
+               batch_dependent=True, foldable=True)
+def _build_syncbn(p: dict, ctx: NormContext) -> NormRecipe:
+    # SyncBN normalizes over the whole global batch (device batch x world size); it has no group_size.
+    if ctx.group_size is not None:
+        raise ValueError(f"syncbn normalizes over the global batch; normalization batch {ctx.norm_batch} "
+                         f"!= device batch {ctx.device_batch} (use batch.mode=device or bn with groups)")
+    return NormRecipe("syncbn", functools.partial(SyncBatchNorm, eps=p["eps"], momentum=p["momentum"]),
+                      batch_dependent=True, params=p)
+
+
+@register_norm("frozenbn", types=(FrozenBatchNorm2d,), defaults={"eps": 1e-5}, batch_dependent=False,
+               foldable=True)
+def _build_frozenbn(p: dict, ctx: NormContext) -> NormRecipe:
+    return NormRecipe("frozenbn", functools.partial(FrozenBatchNorm2d, eps=p["eps"]), params=p)

@@ -1,0 +1,86 @@
+"""Independent float64 re-statements of the papers' sequential equations, one normalization batch at a time.
+
+Written from PAPERS.md / the MABN paper (Yan et al. 2020, Alg. 1-2) and Ioffe 2017 as plainly as possible:
+Python loops, explicit ring buffers, hand-written backward. The layers under test share no code with this.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RefMABN:
+    """The official formal MABN layer, sequential form; t counts normalization batches from 1."""
+
+    def __init__(self, channels, window, warmup, renorm, r_max=5.0, eps=1e-5, momentum=0.02):
+        self.m, self.warmup, self.renorm, self.r_max = window, warmup, renorm, r_max
+        self.eps, self.alpha = eps, momentum
+        self.ring_x2 = torch.zeros(window, channels, dtype=torch.float64)
+        self.ring_gz = torch.zeros(window, channels, dtype=torch.float64)
+        self.v = torch.ones(channels, dtype=torch.float64)
+        self.t = 0
+
+    def step(self, x, gamma, beta, dy):
+        """Forward then backward of normalization batch t+1: returns y, dx, dgamma, dbeta."""
+        self.t += 1
+        t, m, eps = self.t, self.m, self.eps
+        dims = (0, 2, 3)
+        chi2 = (x * x).mean(dim=dims)
+        self.ring_x2[t % m] = chi2
+        plain = t <= m or t < self.warmup
+        chi2_bar = chi2 if plain else self.ring_x2.mean(dim=0)
+        std = torch.sqrt(chi2_bar + eps)
+        z = x / std.view(1, -1, 1, 1)
+        if t <= max(self.renorm, self.warmup):
+            r = torch.ones_like(chi2_bar)
+        else:
+            r = (std / torch.sqrt(self.v + eps)).clamp(1 / self.r_max, self.r_max)
+        y = gamma.view(1, -1, 1, 1) * r.view(1, -1, 1, 1) * z + beta.view(1, -1, 1, 1)
+        self.v = (1 - self.alpha) * self.v + self.alpha * chi2_bar
+        # backward
+        ghat = (r * gamma).view(1, -1, 1, 1) * dy
+        psi = (ghat * z).mean(dim=dims)
+        self.ring_gz[t % m] = psi
+        psi_bar = psi if plain else self.ring_gz.mean(dim=0)
+        dx = (ghat - z * psi_bar.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        dgamma = (dy * r.view(1, -1, 1, 1) * z).sum(dim=dims)
+        dbeta = dy.sum(dim=dims)
+        return y, dx, dgamma, dbeta
+
+
+class RefBRN:
+    """Batch Renormalization, Ioffe 2017 Algorithm 1, with the linear r_max/d_max schedule."""
+
+    def __init__(self, channels, r_max, d_max, warmup, r_max_iters, d_max_iters, eps=1e-5, momentum=0.1):
+        self.r_max, self.d_max, self.warmup = r_max, d_max, warmup
+        self.r_iters, self.d_iters, self.eps, self.alpha = r_max_iters, d_max_iters, eps, momentum
+        self.mu = torch.zeros(channels, dtype=torch.float64)
+        self.var = torch.ones(channels, dtype=torch.float64)
+        self.t = 0
+
+    def limits(self, t):
+        def ramp(end):
+            return min(max((t - self.warmup) / max(end - self.warmup, 1), 0.0), 1.0)
+        return 1 + (self.r_max - 1) * ramp(self.r_iters), self.d_max * ramp(self.d_iters)
+
+    def forward(self, x, gamma, beta):
+        """Training forward (autograd through μ_B, σ_B; r and d are constants); updates the state."""
+        self.t += 1
+        rmax, dmax = self.limits(self.t)
+        count = x.numel() // x.shape[1]
+        mu_b = x.mean(dim=(0, 2, 3))
+        var_b = ((x - mu_b.view(1, -1, 1, 1)) ** 2).mean(dim=(0, 2, 3))
+        sigma_b = torch.sqrt(var_b + self.eps)
+        sigma = torch.sqrt(self.var + self.eps)
+        r = (sigma_b.detach() / sigma).clamp(1 / rmax, rmax)
+        d = ((mu_b.detach() - self.mu) / sigma).clamp(-dmax, dmax)
+        xhat = (x - mu_b.view(1, -1, 1, 1)) / sigma_b.view(1, -1, 1, 1) * r.view(1, -1, 1, 1) + d.view(1, -1, 1, 1)
+        self.mu = self.mu + self.alpha * (mu_b.detach() - self.mu)
+        self.var = self.var + self.alpha * (var_b.detach() * count / (count - 1) - self.var)
+        return gamma.view(1, -1, 1, 1) * xhat + beta.view(1, -1, 1, 1)
+
+
+def isclose_report(a, b, name, rtol=1e-10, atol=1e-12):
+    """assert_close with a message naming the quantity."""
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
