@@ -11,6 +11,7 @@ from .registry import (
     batch_dependent_types,
     build_norm,
     foldable_types,
+    norm_defaults,
     norm_types,
     register_norm,
     registered_norms,
@@ -20,5 +21,5 @@ __all__ = [
     "BatchNorm2d", "BatchRenorm2d", "CenteredWeight", "FrozenBatchNorm2d", "GroupNorm", "MABN2d",
     "NormContext", "NormRecipe", "bake_weight_centering", "batch_dependent_types", "build_norm",
     "center_conv_weights", "conv_norm_pairs", "foldable_types", "norm_types", "register_norm",
-    "registered_norms", "SyncBatchNorm",
+    "norm_defaults", "registered_norms", "SyncBatchNorm",
 ]

@@ -88,6 +88,13 @@ def registered_norms() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
+def norm_defaults(name: str) -> dict[str, Any]:
+    """The hyper-parameters a norm accepts, with their defaults (what configs/norm/<name>.yaml mirrors)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown norm {name!r}; registered norms: {', '.join(registered_norms())}")
+    return dict(_REGISTRY[name].defaults)
+
+
 def _types(pred: Callable[[_Entry], bool]) -> tuple[type, ...]:
     out: list[type] = []
     for entry in _REGISTRY.values():

@@ -1,0 +1,20 @@
+# The README's two commands are `make demo` and `make test`; .ci/run calls `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test lint clean-venv
+
+install:            ## create .venv and install everything (idempotent; see scripts/install.sh)
+	bash scripts/install.sh
+
+demo: install       ## the main job on the embedded dataset (Fashion-MNIST); for now the norm-layer self-check
+	$(PY) -m mabn.selfcheck
+
+test: install lint  ## the whole test suite, 2 workers, one thread each (two cores oversubscribed crawl)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --timeout=1800 -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean-venv:
+	rm -rf $(VENV) .cache/wheels

@@ -1,0 +1,1 @@
+"""ResNets built through the norm registry; filled by the ImageNet training issue."""

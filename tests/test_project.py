@@ -1,0 +1,63 @@
+"""Project-level contracts: configs mirror the registry, the README's commands are what CI runs, data reader."""
+
+import gzip
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from mabn.data import FashionMNIST, read_idx
+from mabn.norms import build_norm, norm_defaults, registered_norms
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", registered_norms())
+def test_norm_config_mirrors_registry(name):
+    path = ROOT / "configs" / "norm" / f"{name}.yaml"
+    cfg = OmegaConf.to_container(OmegaConf.load(path))
+    assert cfg.pop("name") == name
+    assert cfg == norm_defaults(name), f"{path} and the registry defaults disagree"
+    build_norm({"name": name, **cfg})
+
+
+def test_readme_commands_are_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S)
+    commands = [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+    assert commands[:2] == ["make demo", "make test"], "README must open with the two set-up commands"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, flags=re.M), ".ci/run must run the README's test command verbatim"
+
+
+def _write_idx(path, array, gz=True):
+    codes = {np.uint8: 0x08}
+    header = struct.pack(">BBBB", 0, 0, codes[array.dtype.type], array.ndim)
+    header += b"".join(struct.pack(">I", d) for d in array.shape)
+    (gzip.open if gz else open)(path, "wb").write(header + array.tobytes())
+
+
+def test_fashion_mnist_reader_on_generated_idx(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=5, dtype=np.uint8)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels, gz=False)
+    ds = FashionMNIST(tmp_path, split="test")
+    assert len(ds) == 5
+    image, label = ds[3]
+    assert image.shape == (1, 28, 28) and (image.numpy()[0] == images[3]).all() and label == labels[3]
+
+
+def test_fashion_mnist_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        FashionMNIST(tmp_path, split="train")
+    with pytest.raises(ValueError, match="split must be one of"):
+        FashionMNIST(tmp_path, split="val")
+    bad = tmp_path / "bad-idx"
+    bad.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01\x02")
+    with pytest.raises(ValueError, match=r"bad-idx: IDX header says shape \(5,\)"):
+        read_idx(bad)
