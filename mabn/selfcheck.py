@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         losses = []
         model.train()
-        for step in range(args.steps):
+        for _ in range(args.steps):
             idx = torch.randint(0, len(images), (device_batch,))
             loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
             opt.zero_grad()
