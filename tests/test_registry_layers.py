@@ -86,15 +86,20 @@ def test_zero_variance_channels_stay_finite(name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_bf16_autocast(name):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_low_precision(name, dtype):
     layer = _layer(name).train()
-    x = torch.randn(8, 8, 4, 4).bfloat16().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(8, 8, 4, 4).to(dtype).requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
         y = layer(x)
+    assert y.dtype == dtype and x.grad is None
     y.float().sum().backward()
     assert torch.isfinite(y.float()).all() and torch.isfinite(x.grad.float()).all()
-    for key, value in layer.state_dict().items():  # statistics are kept in float32
+    twin = _layer(name).train()  # same input in float32: statistics must be computed in float32
+    twin(x.detach().float().requires_grad_(True)).sum().backward()
+    for key, value in layer.state_dict().items():
         assert value.dtype in (torch.float32, torch.long), key
+        torch.testing.assert_close(value, twin.state_dict()[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("name", ALL)

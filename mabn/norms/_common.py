@@ -62,16 +62,15 @@ def ema_weights(momentum: float, groups: int, device, dtype) -> tuple[Tensor, Te
     """Closed form of ``groups`` sequential EMA steps ``v <- (1-a) v + a s_g``.
 
     Returns (decay, mix) with shapes (G+1,) and (G+1, G) such that the value *before* step g (g = 0..G-1)
-    and the final value (row G) are ``decay[g] * v0 + mix[g] @ s``. Built with tensor ops only, so no
-    host-device synchronisation is needed.
+    and the final value (row G) are ``decay[g] * v0 + mix[g] @ s``. Built on ``device`` directly: a
+    CPU-built tensor copied to a GPU would be a host-device synchronisation inside every forward.
     """
-    a = torch.tensor(momentum, dtype=torch.float64)
-    g = torch.arange(groups + 1, dtype=torch.float64)
-    h = torch.arange(groups, dtype=torch.float64)
-    decay = (1 - a) ** g
+    keep = 1.0 - momentum
+    g = torch.arange(groups + 1, device=device, dtype=torch.float64)
+    h = torch.arange(groups, device=device, dtype=torch.float64)
     expo = g[:, None] - 1 - h[None, :]
-    mix = torch.where(expo >= 0, a * (1 - a) ** expo.clamp(min=0), torch.zeros((), dtype=torch.float64))
-    return decay.to(device=device, dtype=dtype), mix.to(device=device, dtype=dtype)
+    mix = torch.where(expo >= 0, momentum * keep ** expo.clamp(min=0), torch.zeros_like(expo))
+    return (keep**g).to(dtype), mix.to(dtype)
 
 
 def sequential_ema(v0: Tensor, values: Tensor, momentum: float) -> tuple[Tensor, Tensor]:
@@ -80,7 +79,8 @@ def sequential_ema(v0: Tensor, values: Tensor, momentum: float) -> tuple[Tensor,
     if groups == 1:  # the common case: no weights to build
         return v0[None], (1 - momentum) * v0 + momentum * values[0]
     decay, mix = ema_weights(momentum, groups, values.device, values.dtype)
-    seq = decay[:, None] * v0[None] + mix @ values
+    # elementwise, not `mix @ values`: autocast would run a matmul in bf16/fp16 and lose the statistics
+    seq = decay[:, None] * v0[None] + (mix[:, :, None] * values[None]).sum(dim=1)
     return seq[:-1], seq[-1]
 
 

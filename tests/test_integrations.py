@@ -1,0 +1,48 @@
+"""The registry's constructors in the frameworks that consume them; GPU-only checks (skipped without CUDA)."""
+
+import pytest
+import torch
+
+from mabn.norms import MABN2d, NormContext, build_norm, registered_norms
+
+
+@pytest.mark.detectron2
+def test_detectron2_get_norm_accepts_registry_ctors():
+    """detectron2's get_norm takes a callable: every registered constructor goes through unchanged."""
+    layers = pytest.importorskip("detectron2.layers", reason="detectron2 not installed (MABN_D2_SOURCE=skip?)")
+    for name in registered_norms():
+        ctx = NormContext(device_batch=2) if name == "syncbn" else NormContext(norm_batch=1, device_batch=2)
+        recipe = build_norm(name, ctx)
+        norm = layers.get_norm(recipe.ctor, 16)
+        assert type(norm) is type(recipe.ctor(16))
+    conv = layers.Conv2d(3, 16, 3, bias=False, norm=layers.get_norm(build_norm("mabn").ctor, 16))
+    assert isinstance(conv.norm, MABN2d) and conv(torch.randn(2, 3, 8, 8)).shape == (2, 16, 6, 6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["bn", "brn", "mabn"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_no_sync_and_autocast_matches_cpu(name, dtype):
+    """On CUDA: forward+backward raise on any host-device sync; grouped autocast results track float32 CPU."""
+    ctx = NormContext(norm_batch=2, device_batch=16)
+    cpu = build_norm(name, ctx).ctor(32).train()
+    gpu = build_norm(name, ctx).ctor(32).cuda().train()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(16, 32, 8, 8).to(dtype).float()  # values representable in the low-precision dtype
+    dy = torch.randn_like(x).to(dtype).float()
+    xc = x.clone().requires_grad_(True)
+    cpu(xc).backward(dy)
+    xg, dyg = x.to(dtype).cuda().requires_grad_(True), dy.to(dtype).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=dtype):
+            y = gpu(xg)
+        y.backward(dyg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert y.dtype == dtype and xg.grad.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(xg.grad.float().cpu(), xc.grad, rtol=tol, atol=tol)
+    for key, value in cpu.state_dict().items():  # statistics are float32 on both sides
+        torch.testing.assert_close(gpu.state_dict()[key].cpu(), value, rtol=1e-4, atol=1e-5)
