@@ -3,7 +3,8 @@
 #   - Debian's dataset-fashion-mnist (real demo data) when apt is usable as root; skipped with a message otherwise
 #   - torch/torchvision (PyPI standard builds) + the package with its extras, pinned by requirements/constraints.txt
 #   - detectron2: official source install where reachable, else PyPI's redistribution sal-detectron2==0.7.2
-# Re-running is a no-op while the inputs (this script, constraints, pyproject) are unchanged.
+# Re-running is a no-op while the inputs (this script, constraints, pyproject) are unchanged;
+# `scripts/install.sh --check` only reports whether that is the case.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -64,6 +65,10 @@ install_detectron2() {
   "$VENV/bin/pip" install -q -c "$CONSTRAINTS" "$wdir/sal_detectron2-0.7.2-py3-none-any.whl" fvcore "iopath<0.1.10"
 }
 
+if [ "${1:-}" = --check ]; then  # report only: 0 when an install with these inputs is in place
+  if [ -f "$STAMP" ]; then log "up to date ($VENV)"; exit 0; fi
+  log "not installed or out of date ($VENV)"; exit 1
+fi
 if [ -f "$STAMP" ]; then log "up to date ($VENV)"; exit 0; fi
 start=$(date +%s)
 install_fmnist

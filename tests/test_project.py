@@ -61,3 +61,27 @@ def test_fashion_mnist_errors_name_the_problem(tmp_path):
     bad.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01\x02")
     with pytest.raises(ValueError, match=r"bad-idx: IDX header says shape \(5,\)"):
         read_idx(bad)
+
+
+def test_installed_environment_is_current():
+    """The running environment was made by scripts/install.sh from the current inputs (so a rerun is a no-op)."""
+    import os
+    import subprocess
+    import sys
+
+    if not list(Path(sys.prefix).glob(".mabn-installed-*")):
+        pytest.skip(f"{sys.prefix} was not made by scripts/install.sh")
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), "--check"], capture_output=True, text=True,
+                         env={**os.environ, "MABN_VENV": sys.prefix}, timeout=60)
+    assert out.returncode == 0 and "up to date" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name", ["bn", "brn", "mabn"])
+def test_selfcheck_contract_on_generated_images(name):
+    import torch
+
+    from mabn.norms import NormContext
+    from mabn.selfcheck import grouped_contract_error, small_net
+
+    model = small_net(build_norm(name, NormContext(norm_batch=2, device_batch=8)).ctor)
+    assert grouped_contract_error(model, torch.randn(8, 1, 12, 12), torch.randint(0, 10, (8,)), 2) < 1e-9
