@@ -101,6 +101,9 @@ class MABN2d(nn.Module):
 
     Buffers (all in ``state_dict``): ``running_var`` (C,), ``ring_x2`` and ``ring_gz`` (window, C) with the
     statistic of batch t in slot t mod window, ``num_batches_tracked`` (t of the last batch seen).
+    ``ring_gz`` is written by the backward: a training-mode forward that never gets one (e.g. under
+    ``torch.no_grad``) advances the counter and ``ring_x2`` but leaves its Ψ slot as it was, as the official
+    layer does.
     """
 
     def __init__(self, num_features: int, *, window: int = 16, group_size: int | None = None,
