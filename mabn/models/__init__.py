@@ -1,1 +1,5 @@
-"""ResNets built through the norm registry; filled by the ImageNet training issue."""
+"""Models built through the norm registry: ``build_model(name, norm_ctor, ...)``; model code never names a norm."""
+
+from .registry import build_model, registered_models
+
+__all__ = ["build_model", "registered_models"]

@@ -1,0 +1,158 @@
+"""Datasets, deterministic per-sample augmentation and a resumable sharded sampler."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets, transforms
+
+from .fmnist import FashionMNIST
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+
+
+class DataConfigError(ValueError):
+    """A data setting that cannot work (missing root, wrong layout); raised before training starts."""
+
+
+def check_imagenet_root(root) -> Path:
+    """The ImageFolder layout root/train/<class>/ and root/val/<class>/, or a DataConfigError saying so."""
+    hint = ("expected an ImageFolder layout: <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG; set "
+            "data.root=/path or IMAGENET_ROOT. Without ImageNet, `data=fmnist` (or experiment=fmnist) runs on "
+            "Fashion-MNIST.")
+    if root in (None, "", "None"):
+        raise DataConfigError(f"data.root is not set for data=imagenet; {hint}")
+    root = Path(root)
+    missing = [d for d in ("train", "val") if not (root / d).is_dir()]
+    if missing:
+        raise DataConfigError(f"data.root={root} has no {' or '.join(d + '/' for d in missing)} folder; {hint}")
+    return root
+
+
+class _CheckedImageFolder(datasets.ImageFolder):
+    """ImageFolder whose unreadable images raise an error naming the file, or are replaced and counted."""
+
+    def __init__(self, root, transform, skip_corrupt: bool):
+        super().__init__(root, transform=transform)
+        self.skip_corrupt = skip_corrupt
+        self.skipped = 0
+
+    def __getitem__(self, index):
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            path, target = self.samples[i]
+            try:
+                image = self.loader(path)
+            except Exception as err:  # PIL raises several types for truncated / non-image files
+                if not self.skip_corrupt:
+                    raise RuntimeError(f"cannot read image {path}: {err} (set data.skip_corrupt=true to skip "
+                                       f"unreadable images and count them)") from err
+                self.skipped += 1
+                logger.warning("skipping unreadable image %s (%s); %d skipped so far in this process",
+                               path, err, self.skipped)
+                continue
+            return (self.transform(image) if self.transform else image), target
+        raise RuntimeError(f"no readable image in {self.root}")
+
+
+class SeededAugment(Dataset):
+    """Applies ``transform`` with an RNG seeded by (seed, epoch, index): augmentation does not depend on
+    worker count or on where a run was resumed, so a resumed epoch sees exactly the same images."""
+
+    def __init__(self, base: Dataset, transform, seed: int):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index):
+        image, target = self.base[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.transform(image), target
+
+
+class ResumableSampler(Sampler[int]):
+    """Per-epoch seeded permutation, sharded over ranks (drop the tail so every rank has whole batches),
+    starting ``start_batch`` batches into the epoch on resume."""
+
+    def __init__(self, size: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        self.size, self.batch_size, self.rank, self.world = size, batch_size, rank, world_size
+        self.seed, self.shuffle, self.epoch, self.start_batch = seed, shuffle, 0, 0
+        self.batches_per_epoch = size // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise DataConfigError(f"{size} training samples cannot fill one SGD batch of "
+                                  f"{batch_size} x {world_size} devices")
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        used = self.batches_per_epoch * self.batch_size * self.world
+        mine = order[:used].view(self.batches_per_epoch, self.world, self.batch_size)[:, self.rank]
+        return iter(mine[self.start_batch:].reshape(-1).tolist())
+
+
+def build_datasets(data_cfg, seed: int):
+    """(train dataset with seeded augmentation, val dataset, input channels) for data=imagenet|fmnist."""
+    name = data_cfg["name"]
+    if name == "imagenet":
+        root = check_imagenet_root(data_cfg["root"])
+        size = data_cfg["image_size"]
+        normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                       transforms.ToTensor(), normalize])
+        val_tf = transforms.Compose([transforms.Resize(int(round(size * 256 / 224))), transforms.CenterCrop(size),
+                                     transforms.ToTensor(), normalize])
+        train = _CheckedImageFolder(root / "train", None, data_cfg["skip_corrupt"])
+        val = _CheckedImageFolder(root / "val", val_tf, data_cfg["skip_corrupt"])
+        return SeededAugment(train, train_tf, seed), val, 3
+    if name == "fmnist":
+        root = data_cfg["root"]
+        to_float = transforms.Compose([transforms.ConvertImageDtype(torch.float32),
+                                       transforms.Normalize(FMNIST_MEAN, FMNIST_STD)])
+        train_tf = transforms.Compose([transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(),
+                                       to_float])
+        try:
+            train, val = FashionMNIST(root, "train"), FashionMNIST(root, "test", transform=to_float)
+        except FileNotFoundError as err:
+            raise DataConfigError(str(err)) from err
+        return SeededAugment(train, train_tf, seed), val, 1
+    raise DataConfigError(f"unknown data {name!r}; valid: imagenet, fmnist")
+
+
+def build_loaders(train_ds, val_ds, *, batch_size: int, workers: int, rank: int, world_size: int, seed: int,
+                  pin_memory: bool):
+    """Train loader (resumable sampler, whole batches) and val loader (this rank's shard, no padding)."""
+    sampler = ResumableSampler(len(train_ds), batch_size, rank=rank, world_size=world_size, seed=seed)
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=False)
+    train = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
+    shard = list(range(rank, len(val_ds), world_size))
+    val = DataLoader(torch.utils.data.Subset(val_ds, shard), batch_size=batch_size, shuffle=False, **common)
+    return train, val, sampler
+
+
+def iters_per_epoch(sampler: ResumableSampler, cap: int | None) -> int:
+    """Training iterations in one epoch, optionally capped."""
+    return sampler.batches_per_epoch if cap is None else max(1, min(cap, sampler.batches_per_epoch))
+
+
+__all__ = ["DataConfigError", "ResumableSampler", "SeededAugment", "build_datasets", "build_loaders",
+           "check_imagenet_root", "iters_per_epoch"]

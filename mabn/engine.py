@@ -1,0 +1,112 @@
+"""train_one_epoch / evaluate: objects in, metric dicts out. The engine never sees the config."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .dist import all_reduce_sum
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stops and the last good checkpoint stays."""
+
+
+@dataclass
+class StepContext:
+    """What one training step needs besides the batch."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    scaler: torch.amp.GradScaler | None = None
+
+
+def _autocast(ctx: StepContext):
+    if ctx.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(ctx.device.type, dtype=ctx.amp_dtype)
+
+
+def _to_device(images, targets, ctx: StepContext):
+    images = images.to(ctx.device, non_blocking=True)
+    if ctx.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(ctx.device, non_blocking=True)
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler,
+                    criterion: nn.Module, ctx: StepContext, *, first_iter: int, num_iters: int,
+                    on_step: Callable[[int, dict], bool] | None = None) -> dict:
+    """Train over ``loader`` from global iteration ``first_iter`` for at most ``num_iters`` iterations.
+
+    ``on_step(global_iter, metrics)`` is called after every step with the step's loss, lr and img/s; it
+    returns True to stop early (preemption, a requested stop). Returns the epoch's mean loss, img/s,
+    the iterations done and whether it stopped early.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    seen, done, stopped = 0, 0, False
+    start = tick = time.perf_counter()
+    for images, targets in loader:
+        if done >= num_iters:
+            break
+        images, targets = _to_device(images, targets, ctx)
+        with _autocast(ctx):
+            loss = criterion(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if ctx.scaler is not None:
+            ctx.scaler.scale(loss).backward()
+            ctx.scaler.step(optimizer)
+            ctx.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        it = first_iter + done
+        value = loss.detach().double()
+        loss_value = float(value)  # one sync per step: a NaN must stop at the step that made it
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"non-finite loss {loss_value} at iteration {it + 1}; stopping (the last "
+                                     f"good checkpoint is kept)")
+        loss_sum += value
+        seen += images.shape[0]
+        done += 1
+        now = time.perf_counter()
+        metrics = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                   "img_per_s": images.shape[0] / max(now - tick, 1e-9)}
+        tick = now
+        if on_step is not None and on_step(it + 1, metrics):
+            stopped = True
+            break
+    elapsed = time.perf_counter() - start
+    return {"loss": float(loss_sum) / max(done, 1), "img_per_s": seen / max(elapsed, 1e-9), "iters": done,
+            "stopped": stopped}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, ctx: StepContext,
+             max_batches: int | None = None) -> dict:
+    """Top-1/top-5 accuracy (%) and mean loss over this rank's shard, summed over ranks."""
+    model.eval()
+    sums = torch.zeros(4, device=ctx.device, dtype=torch.float64)  # loss, top1, top5, count
+    for b, (images, targets) in enumerate(loader):
+        if max_batches is not None and b >= max_batches:
+            break
+        images, targets = _to_device(images, targets, ctx)
+        with _autocast(ctx):
+            logits = model(images)
+        loss = criterion(logits.float(), targets)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top5 == targets[:, None]
+        sums += torch.stack([loss.double() * len(targets), hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                             torch.tensor(float(len(targets)), device=ctx.device, dtype=torch.float64)])
+    loss, top1, top5, count = all_reduce_sum(sums).tolist()
+    count = max(count, 1.0)
+    return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "count": int(count)}

@@ -1,0 +1,45 @@
+"""Optimizer parameter groups and per-iteration learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .norms import norm_types
+
+
+def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
+    """Norm-layer parameters (found through the registry's type tuple) get their own weight decay."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, norm_types()) for p in m.parameters(recurse=False)}
+    norm, rest = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (norm if id(p) in norm_params else rest).append(p)
+    return [{"params": rest, "weight_decay": weight_decay}, {"params": norm, "weight_decay": norm_weight_decay}]
+
+
+def lr_lambda(schedule: dict, iters_per_epoch: int, total_iters: int):
+    """Multiplier of the base lr at iteration it (0-based): optional linear warm-up, then step or cosine."""
+    warm = int(schedule.get("warmup_epochs", 0) * iters_per_epoch)
+    factor = schedule.get("warmup_factor", 0.1)
+    name = schedule["name"]
+    if name not in ("step", "cosine"):
+        raise ValueError(f"unknown schedule {name!r}; valid: step, cosine")
+    milestones = [m * iters_per_epoch for m in schedule.get("milestones", [])]
+
+    def fn(it: int) -> float:
+        scale = factor + (1 - factor) * it / warm if it < warm else 1.0
+        if name == "step":
+            return scale * schedule["gamma"] ** sum(it >= m for m in milestones)
+        return scale * 0.5 * (1 + math.cos(math.pi * min(it, total_iters) / max(total_iters, 1)))
+
+    return fn
+
+
+def build_optimizer(model: nn.Module, optim_cfg: dict, lr: float) -> torch.optim.Optimizer:
+    if optim_cfg["name"] != "sgd":
+        raise ValueError(f"unknown optimizer {optim_cfg['name']!r}; valid: sgd")
+    groups = param_groups(model, optim_cfg["weight_decay"], optim_cfg["norm_weight_decay"])
+    return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg["momentum"], nesterov=optim_cfg["nesterov"])

@@ -1,0 +1,97 @@
+"""Run records: metrics.jsonl (one line per logged step/epoch), summary.json, and the wandb mirror (rank 0)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import string
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_sha() -> str:
+    """The project's commit, with '-dirty' when tracked files differ from it; 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def hardware(device: torch.device) -> str:
+    """A one-line description of the device the run used."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"
+
+
+def _write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Writes the run's records on the main process; every other rank gets a no-op recorder."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, wandb_cfg: dict, config: dict, name: str):
+        self.run_dir, self.enabled, self.wandb = Path(run_dir), enabled, None
+        self.wandb_id = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        mode = wandb_cfg.get("mode", "disabled")
+        if mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"logger.mode must be online, offline or disabled, got {mode!r}")
+        if mode != "disabled":
+            import wandb
+
+            id_file = self.run_dir / "wandb_id.txt"  # a stable id: a resumed run appends to the same wandb run
+            if not id_file.exists():
+                id_file.write_text("".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8)) + "\n")
+            self.wandb_id = id_file.read_text().strip()
+            self.wandb = wandb.init(project=wandb_cfg.get("project", "mabn"), entity=wandb_cfg.get("entity"),
+                                    id=self.wandb_id, resume="allow", dir=str(self.run_dir), mode=mode,
+                                    name=name, config=config)
+
+    def truncate_after(self, iteration: int) -> None:
+        """On resume: drop records logged after the checkpoint's iteration (they will be logged again)."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iter", 0) <= iteration]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        """One metrics.jsonl line (with wall-clock time) and the same scalars to wandb."""
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("iter", "time")}
+            self.wandb.log(scalars, step=record.get("iter"))
+
+    def write_summary(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        _write_json_atomic(summary, self.run_dir / "summary.json")
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

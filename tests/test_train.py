@@ -1,0 +1,155 @@
+"""The training entry point for real: every norm trains, resume is exact, DDP runs, bad input is named."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mabn.norms import registered_norms
+
+from .tinydata import make_fmnist_like
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data=fmnist", "model=cifar_resnet20", "model.depth=8", "model.width=4", "data.batch_size=8",
+        "data.workers=0", "logger=none", "train.log_every=1", "train.eval_max_batches=2", "epochs=2",
+        "train.max_iters_per_epoch=2", "schedule=cosine", "optim.lr=0.05"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_fmnist_like(tmp_path_factory.mktemp("fmnist"))
+
+
+def train(args, runs, data_root, *, timeout=300, check=True, launcher=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(runs), "WANDB_SILENT": "true"}
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "train_imagenet.py"), *TINY, f"data.root={data_root}", *args]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr[-4000:]}")
+    return out
+
+
+def run_dir(runs):
+    (d,) = [p for p in Path(runs).iterdir() if p.is_dir() and p.name != "multirun"]
+    return d
+
+
+@pytest.mark.parametrize("norm", registered_norms())
+def test_two_epochs_per_norm(norm, tmp_path, data_root):
+    batch = "batch=8" if norm == "syncbn" else "batch=2"
+    train([f"norm={norm}", batch], tmp_path, data_root)
+    d = run_dir(tmp_path)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["norm"] == norm and summary["iters"] == 4 and summary["device_batch"] == 8
+    assert summary["norm_batch"] == (8 if norm == "syncbn" else 2)
+    assert 0 <= summary["top1"] <= 100 and summary["val_count"] == 16
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iter"] for x in lines if "train/loss" in x] == [1, 2, 3, 4]
+    assert (d / "checkpoints" / "last.pt").exists() and (d / "hydra" / "config.yaml").exists()
+
+
+def test_device_mode_and_window(tmp_path, data_root):
+    train(["norm=mabn", "batch=4", "batch.mode=device"], tmp_path, data_root)
+    summary = json.loads((run_dir(tmp_path) / "summary.json").read_text())
+    assert summary["device_batch"] == 4 and summary["norm_batch"] == 4 and summary["norm_params"]["window"] == 8
+
+
+def _final_state(runs):
+    saved = torch.load(run_dir(runs) / "checkpoints" / "last.pt", weights_only=False)
+    return saved["model"], saved["optimizer"]["state"], saved["state"]
+
+
+@pytest.mark.parametrize("norm", ["mabn", "brn"])
+def test_resume_is_bitwise(norm, tmp_path, data_root):
+    """N steps straight == N/2 steps, stop, resume (same command), N/2 steps: weights, norm state, optimizer."""
+    args = [f"norm={norm}", "batch=2", "norm.warmup_iters=1", "epochs=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(args, straight, data_root)
+    out = train(args + ["train.stop_after_iters=3"], resumed, data_root)  # stops mid-epoch 2
+    assert "stopped by train.stop_after_iters at iteration 3" in out.stdout
+    out = train(args, resumed, data_root)
+    assert "resumed from" in out.stdout and "iteration 3" in out.stdout
+    (m1, o1, s1), (m2, o2, s2) = _final_state(straight), _final_state(resumed)
+    assert m1.keys() == m2.keys()
+    for key in m1:
+        assert torch.equal(m1[key], m2[key]), key
+    for key in o1:
+        assert torch.equal(o1[key]["momentum_buffer"], o2[key]["momentum_buffer"])
+    assert s1["iter"] == s2["iter"] == 6 and s1["last_eval"] == s2["last_eval"]
+    lines = [json.loads(x) for x in (run_dir(resumed) / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iter"] for x in lines if "train/loss" in x] == list(range(1, 7))  # no duplicates
+
+
+def test_sigterm_checkpoints_and_exits(tmp_path, data_root):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(tmp_path)}
+    cmd = [sys.executable, str(ROOT / "train_imagenet.py"), *TINY, f"data.root={data_root}", "norm=bn", "batch=8",
+           "epochs=1000", "train.max_iters_per_epoch=null"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(Path(tmp_path).glob("*/metrics.jsonl")) and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stopped by signal 15" in stdout
+    state = torch.load(run_dir(tmp_path) / "checkpoints" / "last.pt", weights_only=False)["state"]
+    assert state["iter"] >= 1
+
+
+def test_ddp_two_processes_gloo(tmp_path, data_root):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = train(["norm=mabn", "batch=2", "epochs=1"], tmp_path, data_root, launcher=launcher, timeout=600)
+    summary = json.loads((run_dir(tmp_path) / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sgd_batch"] == 16 and summary["val_count"] == 32
+    saved = torch.load(run_dir(tmp_path) / "checkpoints" / "last.pt", weights_only=False)
+    assert len(saved["per_rank"]) == 2  # each rank's own norm statistics
+    a, b = (r["norm_state"]["bn1.running_var"] for r in saved["per_rank"])
+    assert not torch.equal(a, b), "per-device statistics must differ between ranks (no buffer broadcast)"
+    assert out.stdout.count("done: top1") == 1  # rank 0 alone prints
+
+
+def test_wandb_offline_writes_a_run(tmp_path, data_root):
+    train(["norm=bn", "batch=8", "logger=wandb", "epochs=1"], tmp_path, data_root)
+    d = run_dir(tmp_path)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["wandb_id"] and list((d / "wandb").glob(f"offline-run-*-{summary['wandb_id']}"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data=imagenet", "data.root=/nonexistent", "batch=8"], "ImageFolder layout"),
+    (["batch=3"], "batch=3 does not divide the device batch data.batch_size=8"),
+    (["batch=16"], "batch=16 is larger than the device batch data.batch_size=8"),
+    (["norm.name=nope"], "unknown norm 'nope'; registered norms: bn, brn"),
+    (["batch=0"], "batch (batch.norm_batch) must be a positive integer, got 0"),
+    (["norm=syncbn", "batch=2"], "norm=syncbn normalizes over the global batch"),
+])
+def test_bad_config_named_before_training(args, message, tmp_path, data_root):
+    out = train(args, tmp_path, data_root, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr
+    assert not list(Path(tmp_path).glob("*/checkpoints"))
+
+
+def test_missing_imagenet_root_mentions_fmnist(tmp_path, data_root):
+    out = train(["data=imagenet", "data.root=null", "batch=8"], tmp_path, data_root, check=False)
+    assert out.returncode == 2 and "data=fmnist" in out.stderr and "IMAGENET_ROOT" in out.stderr
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root):
+    out = train(["norm=bn", "batch=4", "optim.lr=1e30", "train.ckpt_every_iters=1", "epochs=1"], tmp_path, data_root,
+                check=False)
+    assert out.returncode == 3, out.stdout + out.stderr[-2000:]
+    assert "non-finite loss" in out.stderr and "at iteration" in out.stderr
+    bad = int(out.stderr.split("at iteration ")[1].split(";")[0])
+    state = torch.load(run_dir(tmp_path) / "checkpoints" / "last.pt", weights_only=False)["state"]
+    assert state["iter"] == bad - 1
+    assert not (run_dir(tmp_path) / "summary.json").exists()
