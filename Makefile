@@ -2,12 +2,15 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint clean-venv
+.PHONY: install demo selfcheck test lint clean-venv
 
 install:            ## create .venv and install everything (idempotent; see scripts/install.sh)
 	bash scripts/install.sh
 
-demo: install       ## the main job on the embedded dataset (Fashion-MNIST); for now the norm-layer self-check
+demo: install       ## the main job on the embedded dataset: MABN at normalization batch 2 on Fashion-MNIST
+	$(PY) train_imagenet.py experiment=fmnist norm=mabn batch=2
+
+selfcheck: install  ## every registered norm on real Fashion-MNIST images (grouped contract, SGD, folding), ~10 s
 	$(PY) -m mabn.selfcheck
 
 test: install lint  ## the whole test suite, 2 workers, one thread each (two cores oversubscribed crawl)

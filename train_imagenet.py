@@ -59,7 +59,7 @@ def _load_norm_state(model: nn.Module, state: dict) -> None:
 def main(cfg: DictConfig) -> int:
     info = dist.init_distributed(cfg.train.device)
     try:
-        plan = validate(cfg, info.world_size)
+        plan = validate(cfg, info.world_size, info.device.type)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         dist.cleanup()

@@ -70,7 +70,7 @@ def plan_batches(cfg, world_size: int) -> BatchPlan:
     return BatchPlan(n, device_batch, world_size)
 
 
-def validate(cfg, world_size: int = 1) -> BatchPlan:
+def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
     """Check names, batches, schedule and data before building anything; returns the batch plan."""
     if cfg.norm.name not in registered_norms():
         raise ConfigError(f"unknown norm {cfg.norm.name!r}; registered norms: {', '.join(registered_norms())}")
@@ -87,6 +87,9 @@ def validate(cfg, world_size: int = 1) -> BatchPlan:
     if cfg.norm.name == "syncbn" and plan.grouped:
         raise ConfigError(f"norm=syncbn normalizes over the global batch (device batch x devices); batch={plan.norm_batch} "
                           f"in grouped mode would need groups: use batch.mode=device or batch={plan.device_batch}")
+    if cfg.norm.name == "syncbn" and world_size > 1 and device_type != "cuda":
+        raise ConfigError("norm=syncbn across processes needs CUDA devices (torch's SyncBatchNorm does not "
+                          "synchronise CPU tensors); use norm=bn on CPU")
     try:
         if cfg.data.name == "imagenet":
             check_imagenet_root(cfg.data.root)

@@ -1,0 +1,83 @@
+"""Every norm x model x normalization batch composes from the real Hydra configs, validates and builds."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mabn.config import ConfigError, normalize_batch_override, validate
+from mabn.models import build_model
+from mabn.norms import NormContext, build_norm, registered_norms
+
+from .tinydata import make_fmnist_like
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCHES = [1, 2, 4, 8, 16, 32]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_fmnist_like(tmp_path_factory.mktemp("fmnist"), train=16, test=8)
+
+
+def compose_cfg(*overrides, return_hydra_config=False):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train_imagenet", overrides=normalize_batch_override(list(overrides)),
+                       return_hydra_config=return_hydra_config)
+
+
+@pytest.mark.parametrize("model", ["resnet18", "cifar_resnet20"])
+@pytest.mark.parametrize("norm", registered_norms())
+def test_every_norm_model_batch_composes_and_builds(norm, model, data_root):
+    for n in BATCHES:
+        cfg = compose_cfg(f"norm={norm}", f"model={model}", f"batch={n}", "data=fmnist", f"data.root={data_root}")
+        assert cfg.batch.norm_batch == n and cfg.data.batch_size == 32
+        if norm == "syncbn" and n < 32:
+            with pytest.raises(ConfigError, match="syncbn normalizes over the global batch"):
+                validate(cfg)
+            continue
+        plan = validate(cfg)
+        recipe = build_norm(OmegaConf.to_container(cfg.norm, resolve=True),
+                            NormContext(norm_batch=plan.norm_batch, device_batch=plan.device_batch))
+        net = build_model(model, recipe.ctor, num_classes=10, in_channels=1)
+        norms = [m for m in net.modules() if type(m) is type(recipe.ctor(8))]
+        assert norms, f"{model} has no {norm} layer"
+        assert all(getattr(m, "group_size", None) == (n if n < 32 else None) for m in norms
+                   if hasattr(m, "group_size"))
+    if model == "cifar_resnet20":  # and one real train-mode step at the last batch
+        net.train()(torch.randn(32, 1, 12, 12)).sum().backward()
+
+
+def test_named_batch_options_and_device_mode(data_root):
+    cfg = compose_cfg("batch=n2", "batch.mode=device", "data=fmnist", f"data.root={data_root}")
+    plan = validate(cfg)
+    assert (plan.norm_batch, plan.device_batch, plan.sgd_batch) == (2, 2, 2)
+
+
+def test_experiments_compose():
+    fm = compose_cfg("experiment=fmnist", "norm=mabn", "batch=2")
+    assert (fm.data.name, fm.model.name, fm.schedule.name) == ("fmnist", "cifar_resnet20", "cosine")
+    imnet = compose_cfg("experiment=imagenet_resnet50")
+    assert (imnet.model.name, imnet.data.batch_size, imnet.epochs, list(imnet.schedule.milestones)) == \
+        ("resnet50", 32, 100, [30, 60, 90])
+    assert imnet.optim.base_lr == 0.1 and imnet.optim.base_batch == 256 and imnet.optim.label_smoothing == 0.1
+
+
+def test_slurm_launcher_composes():
+    cfg = compose_cfg("launcher=slurm", return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.tasks_per_node == 8 and cfg.hydra.launcher.signal_delay_s == 120
+
+
+def test_run_dir_is_deterministic():
+    a, b = compose_cfg("norm=mabn", "batch=2", "seed=1"), compose_cfg("norm=mabn", "batch=2", "seed=1")
+    assert a.run.dir == b.run.dir and a.run.dir.endswith("imagenet-resnet50-mabn-n2-b32-s1")
+
+
+def test_syncbn_across_cpu_processes_is_refused(data_root):
+    cfg = compose_cfg("norm=syncbn", "batch=32", "data=fmnist", f"data.root={data_root}")
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="needs CUDA devices"):
+        validate(cfg, world_size=2, device_type="cpu")
