@@ -7,6 +7,8 @@ Validate the config -> build data, model, optimizer -> resume if the run directo
 
 from __future__ import annotations
 
+import copy
+import itertools
 import signal
 import sys
 import time
@@ -25,6 +27,7 @@ from mabn.engine import NonFiniteLossError, StepContext, evaluate, train_one_epo
 from mabn.models import build_model
 from mabn.norms import NormContext, batch_dependent_types, build_norm, center_conv_weights
 from mabn.optim import build_optimizer, lr_lambda
+from mabn.precise_bn import recompute_norm_stats
 from mabn.records import RunRecorder, git_sha, hardware
 
 EXIT_PREEMPTED, EXIT_NONFINITE, EXIT_CONFIG = 143, 3, 2
@@ -156,6 +159,12 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo) -> int:
         if best:
             ckpt.save_atomic(payload, ckpt_dir / "best.pt")
 
+    precise_batches = cfg.train.precise_bn_batches
+    precise_loader = None
+    if precise_batches:
+        precise_loader, _, _ = build_loaders(train_ds, val_ds, batch_size=plan.device_batch, workers=cfg.data.workers,
+                                             rank=info.rank, world_size=info.world_size, seed=cfg.seed + 7919,
+                                             pin_memory=device.type == "cuda")
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _on_signal)
     progress = _progress(cfg.train.progress, info.is_main)
@@ -198,14 +207,22 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo) -> int:
                     recorder.close()
                     return EXIT_PREEMPTED if _STOP_SIGNAL else 0
             metrics = evaluate(net, val_loader, criterion, ctx, cfg.train.eval_max_batches)
+            if precise_batches:  # the same weights with recomputed statistics, on a copy: training is untouched
+                recomputed = copy.deepcopy(model)
+                precise_loader.sampler.set_epoch(epoch)
+                recompute_norm_stats(recomputed, itertools.islice(precise_loader, precise_batches), device)
+                precise = evaluate(recomputed, val_loader, criterion, ctx, cfg.train.eval_max_batches)
+                metrics.update({f"precise_{k}": v for k, v in precise.items() if k != "count"})
+                del recomputed
             best = state["best_top1"] is None or metrics["top1"] > state["best_top1"]
             state["best_top1"] = max(metrics["top1"], state["best_top1"] or 0.0)
             state["last_eval"] = metrics
             recorder.log({"iter": state["iter"], "epoch": epoch + 1,
                           **{f"val/{k}": v for k, v in metrics.items()}})
             if info.is_main:
+                extra = f" (recomputed statistics: top1 {metrics['precise_top1']:.2f})" if precise_batches else ""
                 print(f"epoch {epoch + 1}/{cfg.epochs}: val top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
-                      f"loss {metrics['loss']:.4f}", flush=True)
+                      f"loss {metrics['loss']:.4f}{extra}", flush=True)
             state["epoch"], state["iter_in_epoch"] = epoch + 1, 0
             save(best=best)
     except NonFiniteLossError as err:
@@ -220,7 +237,10 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo) -> int:
         "batch_mode": cfg.batch.mode, "world_size": info.world_size, "sgd_batch": plan.sgd_batch, "lr": lr,
         "seed": cfg.seed, "epochs": cfg.epochs, "iters": state["iter"], "top1": final["top1"],
         "top5": final["top5"], "val_loss": final["loss"], "best_top1": state["best_top1"],
-        "val_count": final["count"], "wall_time_s": round(state["elapsed"] + time.time() - started, 1),
+        "val_count": final["count"], "top1_precise": final.get("precise_top1"),
+        "top5_precise": final.get("precise_top5"),
+        "inference_stats": f"precise_bn over {precise_batches} batches per rank, each epoch (top1_precise); "
+                           "running averages (top1)" if precise_batches else "running averages", "wall_time_s": round(state["elapsed"] + time.time() - started, 1),
         "device": hardware(device), "amp": str(amp_dtype), "git_sha": sha, "wandb_id": recorder.wandb_id,
         "torch": torch.__version__, "command": _COMMAND, "run_dir": str(run_dir),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

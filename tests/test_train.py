@@ -153,3 +153,12 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root
     state = torch.load(run_dir(tmp_path) / "checkpoints" / "last.pt", weights_only=False)["state"]
     assert state["iter"] == bad - 1
     assert not (run_dir(tmp_path) / "summary.json").exists()
+
+
+def test_precise_bn_evaluation_is_recorded(tmp_path, data_root):
+    out = train(["norm=mabn", "batch=2", "epochs=1", "train.precise_bn_batches=2"], tmp_path, data_root)
+    assert "recomputed statistics: top1" in out.stdout
+    d = run_dir(tmp_path)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["top1_precise"] is not None and summary["inference_stats"].startswith("precise_bn over 2")
+    assert any("val/precise_top1" in json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines())
