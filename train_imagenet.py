@@ -51,6 +51,19 @@ def _norm_state(model: nn.Module) -> dict:
             if isinstance(m, batch_dependent_types()) for b, t in m.named_buffers(recurse=False)}
 
 
+def _check_same_run(saved: dict, current: dict, path: Path) -> None:
+    """A checkpoint resumes only the run that wrote it (same norm, batch, model and data; roots may move)."""
+    keys = [("norm",), ("batch",), ("model",), ("seed",)]
+    keys += [("data", k) for k in ("name", "batch_size", "num_classes", "image_size")]
+    for key in keys:
+        old, new = saved, current
+        for k in key:
+            old, new = old[k], new[k]
+        if old != new:
+            raise ConfigError(f"{path} was written with {'.'.join(key)}={old}, not {new}; keep the checkpoint "
+                              f"and start elsewhere with another run.name, or set run.resume=false")
+
+
 def _load_norm_state(model: nn.Module, state: dict) -> None:
     own = dict(model.named_buffers())
     with torch.no_grad():
@@ -118,18 +131,12 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo) -> int:
     if cfg.train.compile:
         net = torch.compile(net)
 
-    recorder = RunRecorder(run_dir, enabled=info.is_main, wandb_cfg=OmegaConf.to_container(cfg.logger),
-                           config=OmegaConf.to_container(cfg, resolve=True), name=cfg.run.name)
     ckpt_dir = run_dir / "checkpoints"
     state = {"epoch": 0, "iter_in_epoch": 0, "iter": 0, "best_top1": None, "elapsed": 0.0, "last_eval": None}
     last = ckpt_dir / "last.pt"
     if cfg.run.resume and last.exists():
         saved = ckpt.load(last)
-        for key in ("norm", "batch", "model", "data"):
-            if saved["config"][key] != OmegaConf.to_container(cfg[key], resolve=True):
-                raise ConfigError(f"{last} was written with {key}={saved['config'][key]}, not "
-                                  f"{OmegaConf.to_container(cfg[key], resolve=True)}; use another run.name or "
-                                  f"run.resume=false")
+        _check_same_run(saved["config"], OmegaConf.to_container(cfg, resolve=True), last)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -139,7 +146,10 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo) -> int:
         _load_norm_state(model, mine["norm_state"])
         ckpt.set_rng_state(mine["rng"])
         state.update(saved["state"])
-        recorder.truncate_after(state["iter"])
+    recorder = RunRecorder(run_dir, enabled=info.is_main, wandb_cfg=OmegaConf.to_container(cfg.logger),
+                           config=OmegaConf.to_container(cfg, resolve=True), name=cfg.run.name)
+    if state["iter"]:
+        recorder.truncate_after(state["iter"])  # records after the checkpoint are written again
         if info.is_main:
             print(f"resumed from {last} at epoch {state['epoch']} iteration {state['iter']}", flush=True)
 

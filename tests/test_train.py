@@ -162,3 +162,12 @@ def test_precise_bn_evaluation_is_recorded(tmp_path, data_root):
     summary = json.loads((d / "summary.json").read_text())
     assert summary["top1_precise"] is not None and summary["inference_stats"].startswith("precise_bn over 2")
     assert any("val/precise_top1" in json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines())
+
+
+def test_resume_refuses_another_config_and_keeps_the_checkpoint(tmp_path, data_root):
+    train(["norm=bn", "batch=2", "epochs=1"], tmp_path, data_root)
+    last = run_dir(tmp_path) / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    out = train(["norm=bn", "batch=2", "epochs=1", "norm.momentum=0.2"], tmp_path, data_root, check=False)
+    assert out.returncode == 2 and "was written with norm=" in out.stderr and "run.resume=false" in out.stderr
+    assert last.read_bytes() == before
