@@ -190,7 +190,9 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo) -> int:
         nonlocal iters_this_process
         iters_this_process += 1
         state["iter"], state["iter_in_epoch"] = it, state["iter_in_epoch"] + 1
-        if it % cfg.train.log_every == 0:
+        if it % cfg.train.log_every == 0:  # the same step on every rank: the loss is averaged over ranks
+            if info.world_size > 1:
+                metrics["loss"] = float(dist.all_reduce_sum(torch.tensor([metrics["loss"]], device=device))) / info.world_size
             recorder.log({"iter": it, "epoch": state["epoch"], **{f"train/{k}": v for k, v in metrics.items()}})
         progress(it, total_iters, metrics)
         stop = torch.tensor([float(bool(_STOP_SIGNAL))])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,16 @@ def _env_ranks() -> tuple[int, int, int] | None:
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        if env.get("SUBMITIT_EXECUTOR") == "slurm":  # a submitit job: its helper exports the rendezvous
+            from submitit.helpers import TorchDistributedEnvironment
+
+            slurm = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            return slurm.rank, slurm.world_size, slurm.local_rank
+        if "MASTER_ADDR" not in env:  # plain srun: the job's first host, a port derived from the job id
+            hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], check=True,
+                                   capture_output=True, text=True, timeout=60).stdout.split()
+            env["MASTER_ADDR"] = hosts[0]
+            env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     return None
 
