@@ -44,6 +44,29 @@ def _env_ranks() -> tuple[int, int, int] | None:
     return None
 
 
+def env_ranks() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when torchrun or SLURM started this process as one of several."""
+    return _env_ranks()
+
+
+def local_world_size() -> int:
+    """Processes on this machine: torchrun's LOCAL_WORLD_SIZE, SLURM's tasks per node, else the world size."""
+    env = os.environ
+    if "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    if "SLURM_NTASKS_PER_NODE" in env:  # e.g. "8" or "8(x2)"
+        return int(env["SLURM_NTASKS_PER_NODE"].split("(")[0])
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def info_from_process_group(device: str, local_world: int) -> DistInfo:
+    """This process's DistInfo inside a process group someone else started (detectron2's launch)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    local = rank % local_world
+    return DistInfo(rank, world, local, torch.device("cuda", local) if use_cuda else torch.device("cpu"))
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun/SLURM (gloo on CPU, NCCL on GPU)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"

@@ -65,12 +65,14 @@ class RunRecorder:
                                     id=self.wandb_id, resume="allow", dir=str(self.run_dir), mode=mode,
                                     name=name, config=config)
 
-    def truncate_after(self, iteration: int) -> None:
-        """On resume: drop records logged after the checkpoint's iteration (they will be logged again)."""
+    def truncate_after(self, iteration: int, key: str = "iter") -> None:
+        """On resume: drop records logged after the checkpoint's iteration (they will be logged again).
+
+        ``key`` names the iteration field (detectron2's JSONWriter writes ``iteration``)."""
         if not self.enabled or not self.metrics_path.exists():
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iter", 0) <= iteration]
+                if line.strip() and json.loads(line).get(key, 0) <= iteration]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:

@@ -122,12 +122,16 @@ class FrozenBatchNorm2d(nn.Module):
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm2d:
-        """A frozen copy of a BatchNorm-like layer's current eval-mode statistics and affine."""
+        """A frozen copy of a BatchNorm-like layer's current eval-mode statistics and affine.
+
+        A layer without ``running_mean`` (MABN2d: eval is γ·x/√(v+ε) + β, nothing centred) gets mean 0.
+        """
         frozen = cls(bn.num_features, eps=bn.eps)
         with torch.no_grad():
             if getattr(bn, "weight", None) is not None:
                 frozen.weight.copy_(bn.weight)
                 frozen.bias.copy_(bn.bias)
-            frozen.running_mean.copy_(bn.running_mean)
+            if getattr(bn, "running_mean", None) is not None:
+                frozen.running_mean.copy_(bn.running_mean)
             frozen.running_var.copy_(bn.running_var)
         return frozen.to(bn.running_var.device)
