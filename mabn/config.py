@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data.detection import check_coco_root
 from .data.loaders import DataConfigError, check_imagenet_root
 from .models import registered_models
 from .norms import registered_norms
@@ -70,26 +71,31 @@ def plan_batches(cfg, world_size: int) -> BatchPlan:
     return BatchPlan(n, device_batch, world_size)
 
 
-def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
-    """Check names, batches, schedule and data before building anything; returns the batch plan."""
+def _check_common(cfg, plan: BatchPlan, world_size: int, device_type: str) -> None:
+    """What classification and detection runs share: norm name, AMP and device modes, syncbn's limits."""
     if cfg.norm.name not in registered_norms():
         raise ConfigError(f"unknown norm {cfg.norm.name!r}; registered norms: {', '.join(registered_norms())}")
-    if cfg.model.name not in registered_models():
-        raise ConfigError(f"unknown model {cfg.model.name!r}; registered: {', '.join(registered_models())}")
-    plan = plan_batches(cfg, world_size)
-    _positive_int(cfg.epochs, "epochs")
     if cfg.train.amp not in AMP_MODES:
         raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {cfg.train.amp!r}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
-    for key in ("ckpt_every_iters", "log_every"):
-        _positive_int(cfg.train[key], f"train.{key}")
     if cfg.norm.name == "syncbn" and plan.grouped:
         raise ConfigError(f"norm=syncbn normalizes over the global batch (device batch x devices); batch={plan.norm_batch} "
                           f"in grouped mode would need groups: use batch.mode=device or batch={plan.device_batch}")
     if cfg.norm.name == "syncbn" and world_size > 1 and device_type != "cuda":
         raise ConfigError("norm=syncbn across processes needs CUDA devices (torch's SyncBatchNorm does not "
                           "synchronise CPU tensors); use norm=bn on CPU")
+
+
+def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
+    """Check names, batches, schedule and data before building anything; returns the batch plan."""
+    if cfg.model.name not in registered_models():
+        raise ConfigError(f"unknown model {cfg.model.name!r}; registered: {', '.join(registered_models())}")
+    plan = plan_batches(cfg, world_size)
+    _check_common(cfg, plan, world_size, device_type)
+    _positive_int(cfg.epochs, "epochs")
+    for key in ("ckpt_every_iters", "log_every"):
+        _positive_int(cfg.train[key], f"train.{key}")
     try:
         if cfg.data.name == "imagenet":
             check_imagenet_root(cfg.data.root)
@@ -99,7 +105,46 @@ def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
                 raise DataConfigError(f"data.root={root} holds no Fashion-MNIST IDX files (train-images-idx3-ubyte"
                                       f"[.gz]); install Debian's dataset-fashion-mnist or point data.root at them")
         else:
-            raise DataConfigError(f"unknown data {cfg.data.name!r}; valid: imagenet, fmnist")
+            raise DataConfigError(f"unknown data {cfg.data.name!r} for classification; valid: imagenet, fmnist "
+                                  f"(coco and shapes are detection data: train_coco.py)")
     except DataConfigError as err:
         raise ConfigError(str(err)) from err
+    return plan
+
+
+DETECTION_MODELS = ("mask_rcnn_r50_fpn",)
+DETECTION_DATA = ("coco", "shapes")
+
+
+def validate_detection(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
+    """train_coco.py's checks: the same norm/batch rules, detection model and data, a consistent schedule."""
+    if cfg.model.name not in DETECTION_MODELS:
+        raise ConfigError(f"unknown detection model {cfg.model.name!r}; valid: {', '.join(DETECTION_MODELS)}")
+    if cfg.batch.mode != "device":
+        raise ConfigError(f"detection trains with batch.mode=device (batch=n images per device), got "
+                          f"batch.mode={cfg.batch.mode!r}")
+    plan = plan_batches(cfg, world_size)
+    _check_common(cfg, plan, world_size, device_type)
+    solver = cfg.solver
+    max_iter = _positive_int(solver.max_iter, "solver.max_iter")
+    steps = list(solver.steps)
+    if any(not isinstance(s, int) or not 0 < s < max_iter for s in steps) or steps != sorted(steps):
+        raise ConfigError(f"solver.steps must be increasing iterations inside (0, solver.max_iter={max_iter}), "
+                          f"got {steps}")
+    for key in ("eval_period", "ckpt_period", "log_period"):
+        _positive_int(cfg.train[key], f"train.{key}")
+    _positive_int(cfg.train.num_gpus, "train.num_gpus")
+    if cfg.model.freeze_at not in range(6):
+        raise ConfigError(f"model.freeze_at must be 0-5 (0: nothing frozen, 1: stem, k: stem + res2..res{{k}}), "
+                          f"got {cfg.model.freeze_at!r}")
+    if cfg.model.weights is not None and not Path(cfg.model.weights).is_file():
+        raise ConfigError(f"model.weights={cfg.model.weights} is not a file (a train_imagenet.py checkpoint, a "
+                          f"torchvision .pth or a detectron2 .pkl); set model.weights=null to train from scratch")
+    if cfg.data.name == "coco":
+        try:
+            check_coco_root(cfg.data.root)
+        except DataConfigError as err:
+            raise ConfigError(str(err)) from err
+    elif cfg.data.name != "shapes":
+        raise ConfigError(f"unknown detection data {cfg.data.name!r}; valid: {', '.join(DETECTION_DATA)}")
     return plan
