@@ -1,0 +1,90 @@
+"""Hooks of the detection loop: a printer that survives early stops, wall time and RNG states kept across a
+resume, and the stop (preemption or a requested stop) that checkpoints first."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from detectron2.engine import HookBase
+from detectron2.utils.events import CommonMetricPrinter, get_event_storage
+
+from mabn.checkpoint import rng_state, set_rng_state
+
+
+class StopTraining(BaseException):  # noqa: N818 - control flow, like SystemExit: not an error to log
+    """Raised by a hook after it saved a checkpoint: the run stops here (preemption or a requested stop).
+
+    A BaseException so that detectron2's train loop runs its ``after_train`` hooks (writers flush) without
+    logging it as a failure."""
+
+    def __init__(self, reason: str, exit_code: int):
+        super().__init__(reason)
+        self.reason, self.exit_code = reason, exit_code
+
+
+class MetricPrinter(CommonMetricPrinter):
+    """detectron2's console printer, printing each iteration once: asked twice for the same iteration before
+    its timer has samples (a stop within 3 steps of a start, then ``after_train``), it divides by zero."""
+
+    def __init__(self, max_iter: int):
+        super().__init__(max_iter)
+        self._printed = None
+
+    def write(self):
+        it = get_event_storage().iter
+        if it != self._printed:
+            self._printed = it
+            super().write()
+
+
+class WallClock(HookBase):
+    """Training wall time that survives a resume: it is part of the trainer's checkpointed state."""
+
+    def __init__(self):
+        self._before, self._start = 0.0, time.time()
+
+    def elapsed(self) -> float:
+        return self._before + time.time() - self._start
+
+    def state_dict(self) -> dict:
+        return {"elapsed": self.elapsed()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._before, self._start = state["elapsed"], time.time()
+
+
+class RNGState(HookBase):
+    """The RNG states (torch, numpy, Python) saved with every checkpoint and restored on resume: RoI sampling
+    and, with in-process loading (workers=0), augmentation continue exactly where the run stopped."""
+
+    # detectron2 loads checkpoints with torch.load(weights_only=True): numpy's key array travels as a tensor
+    def state_dict(self) -> dict:
+        state = rng_state()
+        kind, key, pos, has_gauss, gauss = state["numpy"]
+        return {**state, "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)}
+
+    def load_state_dict(self, state: dict) -> None:
+        kind, key, pos, has_gauss, gauss = state["numpy"]
+        set_rng_state({**state, "numpy": (kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss)})
+
+
+class StopHook(HookBase):
+    """After each step: on a signal (SLURM preemption) or after ``stop_after`` steps of this process, save a
+    checkpoint and stop with StopTraining; otherwise nothing."""
+
+    def __init__(self, save: Callable[..., None], signalled: Callable[[], bool], stop_after: int | None,
+                 preempted_code: int):
+        self._save, self._signalled, self._stop_after = save, signalled, stop_after
+        self._code, self._steps = preempted_code, 0
+
+    def after_step(self):
+        self._steps += 1
+        if self._signalled():
+            self._save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
+            raise StopTraining(f"signal at iteration {self.trainer.iter + 1}", self._code)
+        if self._stop_after is not None and self._steps >= self._stop_after:
+            self._save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
+            raise StopTraining(f"train.stop_after_iters at iteration {self.trainer.iter + 1}", 0)
