@@ -1,0 +1,289 @@
+"""The detectron2 plugin: norms by name and by callable, Mask R-CNN per norm, frozen stages, ImageNet weights."""
+
+import pytest
+import torch
+
+d2 = pytest.importorskip("detectron2", reason="detectron2 not installed (MABN_D2_SOURCE=skip?)")
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.layers import FrozenBatchNorm2d as D2FrozenBN  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+import mabn.d2  # noqa: E402  (registers the project's norms)
+from mabn.d2 import data as d2data  # noqa: E402
+from mabn.d2 import engine  # noqa: E402
+from mabn.d2.checkpoint import d2_to_torchvision, torchvision_to_d2  # noqa: E402
+from mabn.d2.model import build_mask_rcnn  # noqa: E402
+from mabn.data.detection import ShapesSpec, make_shapes  # noqa: E402
+from mabn.models import build_model as build_classifier  # noqa: E402
+from mabn.norms import (  # noqa: E402
+    BatchRenorm2d,
+    FrozenBatchNorm2d,
+    MABN2d,
+    NormContext,
+    batch_dependent_types,
+    build_norm,
+    center_conv_weights,
+    norm_types,
+    registered_norms,
+)
+from mabn.norms.centering import is_centered  # noqa: E402
+from mabn.optim import param_groups  # noqa: E402
+
+pytestmark = pytest.mark.detectron2
+
+SMALL = {"rois_per_image": 16, "proposals_per_image": (50, 20), "anchor_sizes": [8, 16, 32, 64, 128]}
+TINY_SHAPES = ShapesSpec(num_train=6, num_val=4, image_size=64, min_extent=10, max_extent=28)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    splits = make_shapes(root, TINY_SHAPES)
+    return (d2data.register_coco(f"test_shapes_train_{id(root)}", *splits["train"]),
+            d2data.register_coco(f"test_shapes_val_{id(root)}", *splits["val"]))
+
+
+def _norm_sites(model):
+    """(site, norm module) for every place the paper puts a norm, found by walking the built model."""
+    bottom_up = model.backbone.bottom_up
+    sites = [("stem", bottom_up.stem.conv1.norm)]
+    for stage_name in ("res2", "res3", "res4", "res5"):
+        for block in getattr(bottom_up, stage_name):
+            sites += [(stage_name, conv.norm) for conv in (block.conv1, block.conv2, block.conv3)]
+            if block.shortcut is not None:
+                sites.append((stage_name, block.shortcut.norm))
+    fpn = model.backbone
+    sites += [("fpn", m.norm) for name, m in fpn.named_children() if name.startswith(("fpn_lateral", "fpn_output"))]
+    sites += [("box_head", m.norm) for m in model.roi_heads.box_head.conv_norm_relus]
+    sites += [("mask_head", m.norm) for m in model.roi_heads.mask_head.conv_norm_relus]
+    return sites
+
+
+@pytest.mark.parametrize("name", registered_norms())
+def test_lazy_config_puts_the_norm_where_the_paper_does(name):
+    ctx = NormContext(norm_batch=2, device_batch=2)
+    recipe = build_norm(name, ctx)
+    model = build_mask_rcnn(recipe, num_classes=4, **SMALL)
+    sites = _norm_sites(model)
+    assert len([s for s, _ in sites if s == "box_head"]) == 4 and len(model.roi_heads.box_head.fcs) == 1
+    assert len([s for s, _ in sites if s == "mask_head"]) == 4
+    expected = type(recipe.ctor(8))
+    for site, norm in sites:
+        if name == "frozenbn" and site in ("fpn", "box_head", "mask_head"):
+            assert norm is None, f"{site}: frozen statistics in a randomly initialised layer"
+        else:
+            assert type(norm) is expected, f"{site} has {type(norm).__name__}"
+    assert not [m for m in model.proposal_generator.modules() if isinstance(m, norm_types())]  # RPN head
+    centred = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and is_centered(m)]
+    mabn_count = sum(isinstance(n, MABN2d) for _, n in sites)
+    assert len(centred) == (mabn_count if name == "mabn" else 0)
+
+
+def test_yacs_config_by_name():
+    cfg = get_cfg()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_CONV, cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 4, 1
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 4
+    cfg.MODEL.RESNETS.NORM = cfg.MODEL.FPN.NORM = "MABN"
+    cfg.MODEL.ROI_BOX_HEAD.NORM = "brn"
+    cfg.MODEL.ROI_MASK_HEAD.NORM = "GN"  # detectron2's own names keep their meaning
+    with mabn.d2.norm_context(NormContext(norm_batch=4, device_batch=4), {"mabn": {"r_max": 3.0}}):
+        model = build_model(cfg)
+    by_site = {}
+    for site, norm in _norm_sites(model):
+        by_site.setdefault(site, set()).add(type(norm))
+    assert by_site["stem"] == by_site["res5"] == by_site["fpn"] == {MABN2d}
+    assert by_site["box_head"] == {BatchRenorm2d}
+    assert by_site["mask_head"] == {torch.nn.GroupNorm}
+    stem = model.backbone.bottom_up.stem.conv1.norm
+    assert stem.window == 8 and stem.r_max == 3.0  # window = 32 / n, hyper-parameter from the context
+    outside = mabn.d2.get_norm("MABN", 16)  # outside a context: the registry defaults (window 16)
+    assert outside.window == 16 and type(mabn.d2.get_norm("BN", 16)) is torch.nn.BatchNorm2d  # not the project's
+    assert mabn.d2.get_norm("", 16) is None
+
+
+def _step(model, loader, optimizer, iterations=2):
+    trainer = engine.make_trainer(model, loader, optimizer, amp_dtype=None)
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        for it in range(iterations):
+            trainer.iter = it
+            trainer.run_step()
+        return storage.latest()["total_loss"][0]
+
+
+@pytest.mark.parametrize("name", registered_norms())
+def test_two_training_iterations_per_norm(name, shapes):
+    recipe = build_norm(name, NormContext(norm_batch=2, device_batch=2, total_iters=10))
+    model = build_mask_rcnn(recipe, num_classes=4, **SMALL)
+    mapper = d2data.mapper(is_train=True, min_size=64, max_size=64, image_format="RGB", mask_format="bitmask")
+    loader = d2data.train_loader(shapes[0], mapper, images_per_device=2, world_size=1, seed=0, start_iter=0,
+                                 workers=0)
+    optimizer = torch.optim.SGD(param_groups(model, 1e-4, 1e-4), lr=0.01, momentum=0.9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = _step(model, loader, optimizer)
+    assert torch.isfinite(torch.tensor(loss))
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("backbone.bottom_up.res5" in k for k in changed) and any("mask_head" in k for k in changed)
+    if name == "mabn":  # two normalization batches (one per step) in the backbone and in the heads
+        assert int(model.backbone.bottom_up.stem.conv1.norm.num_batches_tracked) == 2
+        assert int(model.roi_heads.box_head.conv1.norm.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("name", ["bn", "brn", "mabn", "gn"])
+def test_heads_accept_zero_rois(name):
+    model = build_mask_rcnn(build_norm(name, NormContext(norm_batch=2, device_batch=2)), num_classes=4, **SMALL)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    box = model.roi_heads.box_head(torch.zeros(0, 256, 7, 7, requires_grad=True))
+    mask_in = torch.zeros(0, 256, 14, 14, requires_grad=True)
+    mask = model.roi_heads.mask_head.layers(mask_in)
+    assert box.shape == (0, 1024) and mask.shape == (0, 4, 28, 28)
+    (box.sum() + mask.sum()).backward()
+    assert mask_in.grad.shape == mask_in.shape
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # no state touched
+
+
+@pytest.mark.parametrize("name", ["bn", "brn", "mabn", "syncbn"])
+def test_frozen_stages_hold_no_live_batch_statistics(name):
+    model = build_mask_rcnn(build_norm(name, NormContext(norm_batch=2, device_batch=2)), num_classes=4,
+                            freeze_at=2, **SMALL)
+    bottom_up = model.backbone.bottom_up
+    for frozen in (bottom_up.stem, bottom_up.res2):
+        assert not any(p.requires_grad for p in frozen.parameters())
+        norms = [m for m in frozen.modules() if isinstance(m, (*norm_types(), D2FrozenBN))]
+        assert norms and not [m for m in norms if isinstance(m, batch_dependent_types())]
+    live = [m for m in bottom_up.res3.modules() if isinstance(m, batch_dependent_types())]
+    assert live and all(p.requires_grad for m in live for p in m.parameters())
+
+
+def test_frozen_copy_of_mabn_keeps_its_eval_map():
+    mabn_layer = MABN2d(8)
+    with torch.no_grad():
+        mabn_layer.running_var.uniform_(0.5, 2.0)
+        mabn_layer.weight.normal_()
+        mabn_layer.bias.normal_()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    mabn_layer.double().eval()
+    torch.testing.assert_close(FrozenBatchNorm2d.from_batchnorm(mabn_layer)(x), mabn_layer(x))
+
+
+def _imagenet_resnet50(name, tmp_path):
+    """A train_imagenet.py-style ResNet-50 with non-trivial norm state, saved as its checkpoint format."""
+    recipe = build_norm(name, NormContext(norm_batch=2, device_batch=4))
+    net = build_classifier("resnet50", recipe.ctor, num_classes=10)
+    if recipe.weight_centering:
+        center_conv_weights(net)
+    net.train()
+    for _ in range(3):
+        net(torch.randn(4, 3, 64, 64)).sum().backward()
+    path = tmp_path / f"{name}.pt"
+    torch.save({"model": net.state_dict(), "config": {"norm": {"name": name}}}, path)
+    return net, recipe, path
+
+
+def test_imagenet_checkpoint_maps_into_the_detectron2_backbone(tmp_path):
+    net, _, path = _imagenet_resnet50("mabn", tmp_path)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    mapped = torchvision_to_d2(net.state_dict())
+    assert d2_to_torchvision(mapped).keys() == state.keys()  # round trip, MABN rings and counters included
+    assert any(k.endswith("stem.conv1.parametrizations.weight.original") for k in mapped)
+
+    det = build_mask_rcnn(build_norm("mabn", NormContext(norm_batch=2, device_batch=2)), num_classes=4,
+                          weights=str(path), **SMALL)
+    det_state = det.state_dict()
+    for key, value in mapped.items():
+        if key.endswith(("ring_x2", "ring_gz", "num_batches_tracked")):
+            assert not det_state[key].any(), f"{key}: warm-up restarts on purpose"
+        else:
+            torch.testing.assert_close(det_state[key], value, rtol=0, atol=0, msg=key)
+    # the same function: eval-mode res5 features equal torchvision's layer4 output
+    net.eval()
+    det.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tv = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
+        torch.testing.assert_close(det.backbone.bottom_up(x)["res5"], tv, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_of_another_norm_is_refused(tmp_path):
+    _, _, path = _imagenet_resnet50("bn", tmp_path)
+    with pytest.raises(ValueError, match="does not fit this backbone.*missing"):
+        build_mask_rcnn(build_norm("mabn", NormContext(norm_batch=2, device_batch=2)), num_classes=4,
+                        weights=str(path), **SMALL)
+    model = build_mask_rcnn(build_norm("frozenbn"), num_classes=4, weights=str(path), freeze_at=2, **SMALL)
+    assert isinstance(model.backbone.bottom_up.res4[0].conv1.norm, FrozenBatchNorm2d)
+
+
+class _FromAnnotations(torch.nn.Module):
+    """A 'model' that predicts a dataset's own annotations (all, or every other one), for the evaluator."""
+
+    def __init__(self, dataset_name, keep_every=1):
+        super().__init__()
+        from detectron2.data import DatasetCatalog
+
+        self.records = {r["image_id"]: r for r in DatasetCatalog.get(dataset_name)}
+        self.keep_every = keep_every
+
+    def forward(self, inputs):
+        from detectron2.structures import Boxes, BoxMode, Instances
+        from pycocotools import mask as mask_util
+
+        outputs = []
+        for item in inputs:
+            record = self.records[item["image_id"]]
+            annos = record["annotations"][:: self.keep_every]
+            inst = Instances((record["height"], record["width"]))
+            boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos]
+            inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+            inst.scores = torch.ones(len(annos))
+            inst.pred_classes = torch.tensor([a["category_id"] for a in annos], dtype=torch.int64)
+            masks = [torch.from_numpy(mask_util.decode(a["segmentation"])).bool() for a in annos]
+            inst.pred_masks = torch.stack(masks) if masks else torch.zeros(0, *inst.image_size, dtype=torch.bool)
+            outputs.append({"instances": inst})
+        return outputs
+
+
+def test_coco_evaluation_with_pycocotools(shapes, tmp_path):
+    """Predicting the annotations gives AP 100 (box and mask); predicting half of them gives less."""
+    mapper = d2data.mapper(is_train=False, min_size=64, max_size=64, image_format="RGB", mask_format="bitmask")
+    perfect = d2data.evaluate_coco(_FromAnnotations(shapes[1]), shapes[1], mapper, str(tmp_path / "a"))
+    assert perfect["bbox"]["AP"] == pytest.approx(100.0) and perfect["segm"]["AP"] == pytest.approx(100.0)
+    half = d2data.evaluate_coco(_FromAnnotations(shapes[1], keep_every=2), shapes[1], mapper, str(tmp_path / "b"))
+    assert 0 < half["bbox"]["AP"] < 90 and 0 < half["segm"]["AP"] < 90
+    assert (tmp_path / "a" / "coco_instances_results.json").exists()
+
+
+def test_shapes_set_is_deterministic_with_exact_disjoint_masks(tmp_path):
+    import json
+
+    import numpy as np
+    from pycocotools import mask as mask_util
+
+    a = make_shapes(tmp_path / "a", TINY_SHAPES)
+    b = make_shapes(tmp_path / "b", TINY_SHAPES)
+    ja, jb = (json.loads(s["train"][0].read_text()) for s in (a, b))
+    assert ja["annotations"] == jb["annotations"] and len(ja["categories"]) == 4
+    assert (a["train"][1] / "000001.png").read_bytes() == (b["train"][1] / "000001.png").read_bytes()
+    for image in ja["images"]:
+        masks = [mask_util.decode(x["segmentation"]) for x in ja["annotations"] if x["image_id"] == image["id"]]
+        assert masks and np.stack(masks).sum(0).max() == 1  # occlusion: visible parts never overlap
+    for x in ja["annotations"]:
+        m = mask_util.decode(x["segmentation"])
+        ys, xs = np.nonzero(m)
+        assert x["area"] == m.sum() and x["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1,
+                                                      ys.max() - ys.min() + 1]

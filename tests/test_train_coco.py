@@ -1,0 +1,121 @@
+"""train_coco.py for real on a tiny generated shapes set: training, COCO evaluation, records, resume, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("detectron2", reason="detectron2 not installed (MABN_D2_SOURCE=skip?)")
+pytestmark = [pytest.mark.detectron2, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["experiment=shapes", "data.num_train=6", "data.num_val=4", "data.image_size=64",
+        "data.min_size_train=[64]", "data.max_size_train=64", "data.min_size_test=64", "data.max_size_test=64",
+        "data.workers=0", "model.rois_per_image=16", "model.proposals_per_image=[50,20]",
+        "model.anchor_sizes=[8,16,32,64,128]", "solver.max_iter=4", "solver.steps=[3]", "solver.warmup_iters=1",
+        "train.eval_period=4", "train.ckpt_period=100", "train.log_period=1", "logger=none"]
+
+
+def train_coco(args, runs, data, *, check=True, base=tuple(TINY)):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(runs), "MABN_DATA": str(data),
+           "WANDB_SILENT": "true"}
+    out = subprocess.run([sys.executable, str(ROOT / "train_coco.py"), *base, *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+def only_run(runs):
+    (d,) = [p for p in Path(runs).iterdir() if p.is_dir()]
+    return d
+
+
+def test_trains_evaluates_and_records(tmp_path):
+    out = train_coco(["norm=mabn", "batch=2", "logger=wandb"], tmp_path / "runs", tmp_path / "data")
+    d = only_run(tmp_path / "runs")
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["task"] == "detection" and summary["norm"] == "mabn" and summary["iters"] == 4
+    assert summary["norm_batch"] == summary["device_batch"] == 2 and summary["norm_params"]["window"] == 16
+    for task in ("bbox", "segm"):  # pycocotools' numbers, whatever 4 iterations give (null: no prediction)
+        ap = summary[f"{task}_AP"]
+        assert (ap is None or 0.0 <= ap <= 100.0) and {"AP", "AP50", "AP75"} <= set(summary[task])
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines if "total_loss" in x] == [0, 1, 2, 3]
+    assert any("bbox/AP" in x and "segm/AP" in x for x in lines)
+    assert list((d / "wandb").glob("offline-run-*")) and summary["wandb_id"]
+    assert "done: box AP" in out.stdout and (d / "checkpoints" / "model_final.pth").exists()
+
+
+def test_resume_after_a_stop_continues_exactly(tmp_path):
+    train_coco(["norm=mabn"], tmp_path / "straight", tmp_path / "data")
+    train_coco(["norm=mabn", "train.stop_after_iters=2"], tmp_path / "resumed", tmp_path / "data")
+    d = only_run(tmp_path / "resumed")
+    assert not (d / "summary.json").exists()
+    out = train_coco(["norm=mabn"], tmp_path / "resumed", tmp_path / "data")
+    assert "at iteration 2" in out.stdout
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines if "total_loss" in x] == [0, 1, 2, 3]
+    straight = torch.load(only_run(tmp_path / "straight") / "checkpoints" / "model_final.pth", weights_only=False)
+    resumed = torch.load(d / "checkpoints" / "model_final.pth", weights_only=False)
+    for key, value in straight["model"].items():  # weights and MABN state (rings, counters, running_var)
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["data=coco", "data.root=/nonexistent"], "train2017"),
+    (["data=coco"], "data.root is not set for data=coco"),
+    (["solver.steps=[200000]"], "solver.steps must be increasing iterations inside"),
+    (["batch.mode=grouped"], "detection trains with batch.mode=device"),
+    (["norm.name=nope"], "registered norms: bn, brn, frozenbn, gn, mabn, syncbn"),
+    (["model.weights=/nonexistent.pt"], "model.weights=/nonexistent.pt is not a file"),
+])
+def test_bad_configs_fail_before_building(tmp_path, args, message):
+    out = train_coco(args, tmp_path / "runs", tmp_path / "data", check=False, base=("logger=none",))
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert not list((tmp_path / "runs").glob("*/checkpoints")) and not list((tmp_path / "runs").glob("*/*.jsonl"))
+    assert not (tmp_path / "data").exists()  # nothing generated either
+
+
+def compose_coco(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from mabn.config import normalize_batch_override
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train_coco", overrides=normalize_batch_override(list(overrides)))
+
+
+def test_every_norm_and_experiment_composes(tmp_path):
+    from mabn.config import ConfigError, validate_detection
+    from mabn.norms import registered_norms
+
+    for norm in registered_norms():
+        cfg = compose_coco(f"norm={norm}", "batch=2")
+        assert (cfg.batch.norm_batch, cfg.batch.mode, cfg.data.name) == (2, "device", "shapes")
+        validate_detection(cfg)
+    scratch = compose_coco("experiment=coco_2x_scratch", "norm=mabn")
+    assert (scratch.solver.max_iter, list(scratch.solver.steps), scratch.solver.warmup_iters) == \
+        (180000, [120000, 160000], 500)
+    assert scratch.optim.base_lr == 0.02 and scratch.optim.base_batch == 16 and scratch.model.freeze_at == 0
+    with pytest.raises(ConfigError, match="data.root is not set for data=coco"):
+        validate_detection(scratch)
+    fine = compose_coco("experiment=coco_2x_finetune", f"model.weights={tmp_path}")
+    assert fine.model.freeze_at == 2
+    one = compose_coco("experiment=coco_1x", "model.weights=x.pt")
+    assert (one.solver.max_iter, list(one.solver.steps)) == (90000, [60000, 80000])
+
+
+def test_linear_scaling_rule():
+    import train_coco
+
+    cfg = compose_coco("experiment=coco_2x_scratch")
+    lr, paper = train_coco._scaled_schedule(cfg, sgd_batch=16)  # 8 GPUs x 2 images: the recipe as written
+    assert (lr, paper["max_iter"], paper["steps"], paper["warmup_iters"]) == (0.02, 180000, (120000, 160000), 500)
+    lr, four = train_coco._scaled_schedule(cfg, sgd_batch=8)  # 4 GPUs: half the lr, twice the iterations
+    assert (lr, four["max_iter"], four["steps"], four["warmup_iters"], four["eval_period"]) == \
+        (0.01, 360000, (240000, 320000), 1000, 40000)
