@@ -81,13 +81,14 @@ def test_bad_configs_fail_before_building(tmp_path, args, message):
     assert not (tmp_path / "data").exists()  # nothing generated either
 
 
-def compose_coco(*overrides):
+def compose_coco(*overrides, return_hydra_config=False):
     from hydra import compose, initialize_config_dir
 
     from mabn.config import normalize_batch_override
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train_coco", overrides=normalize_batch_override(list(overrides)))
+        return compose("train_coco", overrides=normalize_batch_override(list(overrides)),
+                       return_hydra_config=return_hydra_config)
 
 
 def test_every_norm_and_experiment_composes(tmp_path):
@@ -108,6 +109,8 @@ def test_every_norm_and_experiment_composes(tmp_path):
     assert fine.model.freeze_at == 2
     one = compose_coco("experiment=coco_1x", "model.weights=x.pt")
     assert (one.solver.max_iter, list(one.solver.steps)) == (90000, [60000, 80000])
+    slurm = compose_coco("experiment=coco_2x_scratch", "launcher=slurm", return_hydra_config=True)
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.launcher.tasks_per_node == 8
 
 
 def test_linear_scaling_rule():
@@ -119,3 +122,43 @@ def test_linear_scaling_rule():
     lr, four = train_coco._scaled_schedule(cfg, sgd_batch=8)  # 4 GPUs: half the lr, twice the iterations
     assert (lr, four["max_iter"], four["steps"], four["warmup_iters"], four["eval_period"]) == \
         (0.01, 360000, (240000, 320000), 1000, 40000)
+
+
+def test_sigterm_checkpoints_and_exits(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(tmp_path / "runs"),
+           "MABN_DATA": str(tmp_path / "data")}
+    cmd = [sys.executable, str(ROOT / "train_coco.py"), *TINY, "solver.max_iter=1000", "solver.steps=[900]"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list((tmp_path / "runs").glob("*/metrics.jsonl")) and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stopped by signal at iteration" in stdout
+    (last,) = (tmp_path / "runs").glob("*/checkpoints/last_checkpoint")
+    saved = torch.load(last.parent / last.read_text().strip(), weights_only=False)
+    assert saved["iteration"] >= 0 and "RNGState" in saved["trainer"]["hooks"]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "detectron2_launch"])
+def test_ddp_two_processes_gloo(tmp_path, launcher):
+    if launcher == "torchrun":
+        cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train_coco.py")]
+    else:  # train.num_gpus=2: detectron2's launch() spawns the processes (gloo on CPU)
+        cmd = [str(ROOT / "train_coco.py"), "train.num_gpus=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(tmp_path / "runs"),
+           "MABN_DATA": str(tmp_path / "data")}
+    out = subprocess.run([sys.executable, *cmd, *TINY, "norm=mabn", "batch=1", "solver.max_iter=2",
+                          "solver.steps=[1]", "train.eval_period=2"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sgd_batch"] == 2 and summary["norm_batch"] == 1
+    assert {"AP", "AP50"} <= set(summary["bbox"])

@@ -64,7 +64,7 @@ def train_loader(dataset_name: str, dataset_mapper: DatasetMapper, *, images_per
 
 
 def evaluate_coco(model, dataset_name: str, dataset_mapper: DatasetMapper, output_dir: str | None,
-             workers: int = 0) -> dict:
+                  workers: int = 0) -> dict:
     """COCO box and mask AP from pycocotools (detectron2's COCOEvaluator, official implementation)."""
     loader = build_detection_test_loader(DatasetCatalog.get(dataset_name), mapper=dataset_mapper,
                                          num_workers=workers)

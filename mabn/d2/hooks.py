@@ -83,8 +83,10 @@ class StopHook(HookBase):
     def after_step(self):
         self._steps += 1
         if self._signalled():
-            self._save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
-            raise StopTraining(f"signal at iteration {self.trainer.iter + 1}", self._code)
-        if self._stop_after is not None and self._steps >= self._stop_after:
-            self._save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
-            raise StopTraining(f"train.stop_after_iters at iteration {self.trainer.iter + 1}", 0)
+            reason, code = "signal", self._code
+        elif self._stop_after is not None and self._steps >= self._stop_after:
+            reason, code = "train.stop_after_iters", 0
+        else:
+            return
+        self._save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
+        raise StopTraining(f"{reason} at iteration {self.trainer.iter + 1}", code)
