@@ -2,13 +2,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo selfcheck test lint clean-venv
+.PHONY: install demo coco-demo selfcheck test lint clean-venv
 
 install:            ## create .venv and install everything (idempotent; see scripts/install.sh)
 	bash scripts/install.sh
 
 demo: install       ## the main job on the embedded dataset: MABN at normalization batch 2 on Fashion-MNIST
 	$(PY) train_imagenet.py experiment=fmnist norm=mabn batch=2
+
+coco-demo: install  ## Mask R-CNN R50-FPN with MABN from scratch on the generated shapes set (one CPU process)
+	$(PY) train_coco.py experiment=shapes norm=mabn
 
 selfcheck: install  ## every registered norm on real Fashion-MNIST images (grouped contract, SGD, folding), ~10 s
 	$(PY) -m mabn.selfcheck

@@ -24,7 +24,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def _env_ranks() -> tuple[int, int, int] | None:
+def env_ranks() -> tuple[int, int, int] | None:
     """(rank, world, local rank) from torchrun's variables, else from SLURM's (srun / submitit)."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -42,11 +42,6 @@ def _env_ranks() -> tuple[int, int, int] | None:
             env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 40000))
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     return None
-
-
-def env_ranks() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when torchrun or SLURM started this process as one of several."""
-    return _env_ranks()
 
 
 def local_world_size() -> int:
@@ -72,7 +67,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    ranks = _env_ranks()
+    ranks = env_ranks()
     if ranks is None:
         return DistInfo(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
     rank, world, local = ranks

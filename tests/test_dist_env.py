@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mabn.dist import _env_ranks
+from mabn.dist import env_ranks, local_world_size
 
 CLEAR = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR"]
 
@@ -20,17 +20,17 @@ def env(monkeypatch):
 
 
 def test_single_process(env):
-    assert _env_ranks() is None
+    assert env_ranks() is None
     env.setenv("SLURM_PROCID", "0")
     env.setenv("SLURM_NTASKS", "1")
-    assert _env_ranks() is None  # a one-task SLURM job is a single process
+    assert env_ranks() is None  # a one-task SLURM job is a single process
 
 
 def test_torchrun(env):
     env.setenv("RANK", "3")
     env.setenv("WORLD_SIZE", "8")
     env.setenv("LOCAL_RANK", "1")
-    assert _env_ranks() == (3, 8, 1)
+    assert env_ranks() == (3, 8, 1)
 
 
 def test_plain_srun_uses_first_host(env, tmp_path):
@@ -41,7 +41,7 @@ def test_plain_srun_uses_first_host(env, tmp_path):
     for key, value in {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_ID": "4242",
                        "SLURM_JOB_NODELIST": "node[07-08]"}.items():
         env.setenv(key, value)
-    assert _env_ranks() == (5, 16, 5)
+    assert env_ranks() == (5, 16, 5)
     assert os.environ["MASTER_ADDR"] == "node07" and os.environ["MASTER_PORT"] == str(20000 + 4242)
 
 
@@ -50,5 +50,13 @@ def test_submitit_job(env):
                        "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu01",
                        "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0"}.items():
         env.setenv(key, value)
-    assert _env_ranks() == (1, 2, 1)
+    assert env_ranks() == (1, 2, 1)
     assert os.environ["MASTER_ADDR"] == "gpu01" and os.environ["RANK"] == "1"
+
+
+def test_local_world_size_from_torchrun_and_slurm(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")  # 2 nodes of 8 tasks
+    assert local_world_size() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert local_world_size() == 4
