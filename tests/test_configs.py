@@ -81,3 +81,15 @@ def test_syncbn_across_cpu_processes_is_refused(data_root):
     validate(cfg, world_size=1)
     with pytest.raises(ConfigError, match="needs CUDA devices"):
         validate(cfg, world_size=2, device_type="cpu")
+
+
+@pytest.mark.parametrize("model", ["resnet50_xbn", "resnet18_xbn", "cifar_resnet20_xbn"])
+def test_xbnblock_models_compose_and_build(model, data_root):
+    cfg = compose_cfg("norm=mabn", f"model={model}", "batch=2", "data=fmnist", f"data.root={data_root}",
+                      "model.norm_until=stage1")
+    plan = validate(cfg)
+    recipe = build_norm(OmegaConf.to_container(cfg.norm, resolve=True),
+                        NormContext(norm_batch=plan.norm_batch, device_batch=plan.device_batch))
+    options = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
+    net = build_model(model, recipe.ctor, num_classes=10, in_channels=1, **options)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())

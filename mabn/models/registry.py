@@ -7,7 +7,10 @@ from collections.abc import Callable
 import torchvision
 from torch import nn
 
+from mabn.norms import build_norm
+
 from .cifar_resnet import CifarResNet
+from .variants import apply_xbnblock, keep_norms_until
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -30,11 +33,14 @@ def registered_models() -> tuple[str, ...]:
 
 
 def build_model(name: str, norm_ctor: Callable[[int], nn.Module], *, num_classes: int, in_channels: int = 3,
-                **options) -> nn.Module:
-    """Build a registered model whose every norm layer is ``norm_ctor(channels)``."""
+                norm_until: str = "all", **options) -> nn.Module:
+    """Build a registered model whose every norm layer is ``norm_ctor(channels)`` (XBNBlock models: all but
+    their batch-free positions); ``norm_until`` (stem, stage1) removes the norms after that point."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(registered_models())}")
-    return _MODELS[name](norm_ctor, num_classes=num_classes, in_channels=in_channels, **options)
+    model = _MODELS[name](norm_ctor, num_classes=num_classes, in_channels=in_channels, **options)
+    keep_norms_until(model, norm_until)
+    return model
 
 
 def _torchvision_resnet(arch: str):
@@ -57,3 +63,19 @@ register_model("resnet18")(_torchvision_resnet("resnet18"))
 def _cifar_resnet(norm_ctor, *, num_classes, in_channels, depth=20, width=16, zero_init_residual=False):
     return CifarResNet(norm_ctor, depth=depth, width=width, num_classes=num_classes, in_channels=in_channels,
                        zero_init_residual=zero_init_residual)
+
+
+def _xbnblock(base: str):
+    """``base`` with XBNBlock's batch-free norm: GroupNorm of 64 groups (capped at the channels), as the
+    official code; ``xbn_positions`` chooses other positions for the ablations."""
+
+    def build(norm_ctor, *, num_classes, in_channels, xbn_positions=None, xbn_groups=64, **options):
+        model = _MODELS[base](norm_ctor, num_classes=num_classes, in_channels=in_channels, **options)
+        apply_xbnblock(model, build_norm({"name": "gn", "num_groups": xbn_groups}).ctor, xbn_positions)
+        return model
+
+    return build
+
+
+for _base in ("resnet50", "resnet18", "cifar_resnet20"):
+    register_model(f"{_base}_xbn")(_xbnblock(_base))
