@@ -23,6 +23,7 @@ from mabn import checkpoint as ckpt
 from mabn import dist
 from mabn.config import ConfigError, normalize_batch_override, validate
 from mabn.data.loaders import build_datasets, build_loaders, iters_per_epoch
+from mabn.diagnostics import BatchStatsTracer
 from mabn.engine import NonFiniteLossError, StepContext, evaluate, train_one_epoch
 from mabn.models import build_model
 from mabn.norms import NormContext, batch_dependent_types, build_norm, center_conv_weights
@@ -177,6 +178,11 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo) -> int:
                                              pin_memory=device.type == "cuda")
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, _on_signal)
+    tracer, every = None, cfg.diag.every
+    if cfg.diag.batch_stats:  # off: not a single hook is registered
+        tracer = BatchStatsTracer(model, run_dir / "diag_batch_stats.jsonl", enabled=info.is_main)
+        tracer.truncate_after(state["iter"])
+        tracer.arm((state["iter"] + 1) % every == 0, state["iter"] + 1)
     progress = _progress(cfg.train.progress, info.is_main)
     ctx = StepContext(device, amp_dtype, channels_last, scaler)
     stop_after = cfg.train.stop_after_iters
@@ -195,6 +201,8 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo) -> int:
                 metrics["loss"] = float(dist.all_reduce_sum(torch.tensor([metrics["loss"]], device=device))) / info.world_size
             recorder.log({"iter": it, "epoch": state["epoch"], **{f"train/{k}": v for k, v in metrics.items()}})
         progress(it, total_iters, metrics)
+        if tracer is not None:
+            tracer.arm((it + 1) % every == 0, it + 1)
         stop = torch.tensor([float(bool(_STOP_SIGNAL))])
         if info.world_size > 1:  # all ranks must stop at the same step
             stop = dist.all_reduce_sum(stop.to(device)).cpu()

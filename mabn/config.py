@@ -96,6 +96,7 @@ def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
     _positive_int(cfg.epochs, "epochs")
     for key in ("ckpt_every_iters", "log_every"):
         _positive_int(cfg.train[key], f"train.{key}")
+    _positive_int(cfg.diag.every, "diag.every")
     try:
         if cfg.data.name == "imagenet":
             check_imagenet_root(cfg.data.root)

@@ -41,6 +41,14 @@ def _write_json_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def truncate_jsonl(path: Path, iteration: int, key: str) -> None:
+    """Keep the JSON lines of ``path`` whose ``key`` is at most ``iteration`` (a resumed run rewrites the rest)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get(key, 0) <= iteration]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 class RunRecorder:
     """Writes the run's records on the main process; every other rank gets a no-op recorder."""
 
@@ -69,11 +77,8 @@ class RunRecorder:
         """On resume: drop records logged after the checkpoint's iteration (they will be logged again).
 
         ``key`` names the iteration field (detectron2's JSONWriter writes ``iteration``)."""
-        if not self.enabled or not self.metrics_path.exists():
-            return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get(key, 0) <= iteration]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        if self.enabled:
+            truncate_jsonl(self.metrics_path, iteration, key)
 
     def log(self, record: dict) -> None:
         """One metrics.jsonl line (with wall-clock time) and the same scalars to wandb."""

@@ -1,0 +1,170 @@
+"""The papers' analyses: batch-statistics noise during training (MABN) and estimation shift (XBNBlock).
+
+Batch statistics (Yan et al. 2020, Sec. 3): vanilla BN uses four statistics of the normalization batch,
+μ_B and σ²_B in the forward pass and g_B = mean(ĝ), Ψ_B = mean(ĝ·x̂) (ĝ = γ·∂L/∂y) in the backward pass; the
+MABN paper's point is that at small n the backward ones are as noisy as the forward ones. The tracer measures
+all four at every batch-dependent layer's input, whatever the norm, against population estimates.
+
+Estimation shift: the gap between a batch-dependent norm's estimated population statistics (its running
+averages, what inference uses) and the expected ones (the statistics of the training data under the final
+weights, recomputed PreciseBN-style). The XBNBlock paper's claim is that it accumulates with depth through
+stacked BN layers; a batch-free norm in the block stops the accumulation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from .checkpoint import load as load_checkpoint
+from .models import build_model
+from .norms import MABN2d, NormContext, batch_dependent_types, build_norm, center_conv_weights
+from .precise_bn import recompute_norm_stats
+from .records import truncate_jsonl
+
+
+@torch.no_grad()
+def estimation_shift(model: nn.Module, batches, device: torch.device) -> list[dict]:
+    """Per batch-dependent norm layer (in registration order, which is forward order for the registry's
+    ResNets: stem, blocks, a block's shortcut last): the distance between its running statistics and
+    those recomputed over ``batches`` with the model's weights (the model itself is left unchanged).
+
+    ``mean_l2``/``var_l2``: ‖running − recomputed‖₂ over channels (the paper's measure); ``mean_rel``: mean
+    over channels of |Δμ| / σ_recomputed; ``var_rel``: mean over channels of |log(σ²_running / σ²_recomputed)|
+    (scale-free, comparable across layers). MABN has no mean: its statistic is the second moment χ².
+    """
+    recomputed = copy.deepcopy(model)
+    recompute_norm_stats(recomputed, batches, device)
+    pairs = [(name, m, recomputed.get_submodule(name)) for name, m in model.named_modules()
+             if isinstance(m, batch_dependent_types())]
+    rows = []
+    for depth, (name, old, new) in enumerate(pairs):
+        eps = getattr(old, "eps", 1e-5)
+        v_old, v_new = old.running_var.double(), new.running_var.double()
+        row = {"depth": depth, "layer": name, "type": type(old).__name__, "channels": v_old.numel(),
+               "var_l2": float((v_old - v_new).norm()),
+               "var_rel": float(((v_old + eps) / (v_new + eps)).log().abs().mean())}
+        if not isinstance(old, MABN2d):
+            m_old, m_new = old.running_mean.double(), new.running_mean.double()
+            row["mean_l2"] = float((m_old - m_new).norm())
+            row["mean_rel"] = float(((m_old - m_new).abs() / (v_new + eps).sqrt()).mean())
+        rows.append(row)
+    return rows
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a train_imagenet.py model from its checkpoint (the resolved config is saved in it)."""
+    saved = load_checkpoint(Path(path))
+    cfg = saved["config"]
+    n, device_batch = cfg["batch"]["norm_batch"], cfg["data"]["batch_size"]
+    if cfg["batch"]["mode"] == "device":
+        device_batch = n
+    recipe = build_norm(cfg["norm"], NormContext(norm_batch=n, device_batch=device_batch))
+    options = {k: v for k, v in cfg["model"].items() if k != "name"}
+    in_channels = 1 if cfg["data"]["name"] == "fmnist" else 3
+    model = build_model(cfg["model"]["name"], recipe.ctor, num_classes=cfg["data"]["num_classes"],
+                        in_channels=in_channels, **options)
+    if recipe.weight_centering:
+        center_conv_weights(model)
+    model.load_state_dict(saved["model"])
+    return model, OmegaConf.create(cfg)
+
+
+STATS = ("mu", "var", "g", "psi")
+
+
+def batch_statistics(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, group_size: int | None,
+                     eps: float) -> dict[str, torch.Tensor]:
+    """Vanilla BN's four statistics per normalization batch, each (G, C): μ_B, σ²_B (biased), g_B = mean(ĝ)
+    and Ψ_B = mean(ĝ·x̂), with ĝ = γ·dy and x̂ = (x − μ_B)/√(σ²_B + ε); and rms (G, C), the root mean square
+    of ĝ, which the backward deviations are measured in."""
+    n = group_size or x.shape[0]
+    g = x.shape[0] // n
+    xg = x.reshape(g, n, x.shape[1], -1).double()
+    ghat = dy.reshape(xg.shape).double()
+    if weight is not None:
+        ghat = ghat * weight.detach().double().view(1, 1, -1, 1)
+    var, mu = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
+    xhat = (xg - mu) / torch.sqrt(var + eps)
+    return {"mu": mu[:, 0, :, 0], "var": var[:, 0, :, 0], "g": ghat.mean(dim=(1, 3)),
+            "psi": (ghat * xhat).mean(dim=(1, 3)), "rms": ghat.square().mean(dim=(1, 3)).sqrt()}
+
+
+class BatchStatsTracer:
+    """Records the four batch statistics of every batch-dependent norm layer on armed steps (``arm``).
+
+    Each record (a line of ``path``, JSON) holds, per layer and traced step, the channel means of μ_B, σ²_B,
+    g_B, Ψ_B and their deviations from population estimates, averaged over channels and normalization
+    batches: ``mu_dev`` = |μ_B − μ|/√(σ²+ε) and ``var_dev`` = |σ²_B/σ² − 1| against the layer's running
+    statistics where it keeps them (bn, brn, syncbn; for MABN, whose running statistic is the second moment,
+    against the tracer's own averages); ``g_dev`` and ``psi_dev`` = |s_B − s̄|/rms(ĝ) against the average
+    of that statistic over every traced batch so far. Nothing is hooked until the tracer is built, and
+    ``close`` removes every hook.
+    """
+
+    def __init__(self, model: nn.Module, path: Path | None, *, enabled: bool = True):
+        self.path, self.enabled, self.armed, self.iteration = path, enabled, False, 0
+        self.records: list[dict] = []
+        self._sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._counts: dict[str, int] = {}
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, batch_dependent_types())]
+        self._depth = {n: i for i, (n, _) in enumerate(layers)}
+        self._handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in layers]
+
+    def arm(self, active: bool, iteration: int) -> None:
+        """Trace the next training step (numbered ``iteration``) or not; ``records`` keeps the last traced
+        step's records only (the file keeps all)."""
+        if active:
+            self.records = []
+        self.armed, self.iteration = active, iteration
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def truncate_after(self, iteration: int) -> None:
+        """On resume: drop records of steps after the checkpoint (they are traced again)."""
+        if self.enabled and self.path is not None:
+            truncate_jsonl(self.path, iteration, "iter")
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            if not (self.armed and module.training and torch.is_grad_enabled() and output.requires_grad):
+                return
+            x = inputs[0].detach()
+            if x.shape[0] == 0:
+                return
+            output.register_hook(lambda dy: self._record(name, module, x, dy.detach()))
+
+        return hook
+
+    @torch.no_grad()
+    def _record(self, name: str, module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+        eps = getattr(module, "eps", 1e-5)
+        stats = batch_statistics(x, dy, getattr(module, "weight", None), getattr(module, "group_size", None), eps)
+        sums = self._sums.setdefault(name, {k: torch.zeros_like(stats[k][0]) for k in STATS})
+        for k in STATS:
+            sums[k] += stats[k].sum(dim=0)
+        self._counts[name] = self._counts.get(name, 0) + stats["mu"].shape[0]
+        mean = {k: sums[k] / self._counts[name] for k in STATS}
+        has_running = getattr(module, "running_mean", None) is not None
+        ref_mu = module.running_mean.double() if has_running else mean["mu"]
+        ref_var = module.running_var.double() if has_running else mean["var"]
+        rms = stats["rms"].clamp_min(1e-30)
+        record = {"iter": self.iteration, "layer": name, "depth": self._depth[name], "type": type(module).__name__,
+                  "n": x.shape[0] // stats["mu"].shape[0], "groups": stats["mu"].shape[0],
+                  **{k: float(stats[k].mean()) for k in STATS},
+                  "mu_dev": float(((stats["mu"] - ref_mu).abs() / torch.sqrt(ref_var + eps)).mean()),
+                  "var_dev": float((stats["var"] / (ref_var + eps) - 1).abs().mean()),
+                  "g_dev": float(((stats["g"] - mean["g"]).abs() / rms).mean()),
+                  "psi_dev": float(((stats["psi"] - mean["psi"]).abs() / rms).mean())}
+        self.records.append(record)
+        if self.enabled and self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

@@ -1,0 +1,143 @@
+"""Estimation shift: ~0 right after the running statistics were recomputed, positive otherwise; the script."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mabn.diagnostics import estimation_shift
+from mabn.models import build_model
+from mabn.norms import NormContext, build_norm, center_conv_weights
+from mabn.precise_bn import recompute_norm_stats
+
+from .tinydata import make_fmnist_like
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["bn", "brn", "mabn"])
+def test_estimation_shift_zero_after_recompute_positive_before(name):
+    recipe = build_norm(name, NormContext(norm_batch=2, device_batch=8))
+    model = build_model("cifar_resnet20", recipe.ctor, num_classes=10, in_channels=1, depth=8, width=8)
+    if recipe.weight_centering:
+        center_conv_weights(model)
+    batches = [(torch.randn(8, 1, 12, 12) * 3 + 1, torch.zeros(8, dtype=torch.long)) for _ in range(4)]
+    before = estimation_shift(model, batches, torch.device("cpu"))  # running stats still at their init
+    assert len(before) == len([m for m in model.modules() if type(m) is type(recipe.ctor(4))])
+    assert all(r["var_rel"] > 0.05 for r in before)
+    recompute_norm_stats(model, batches, torch.device("cpu"))
+    after = estimation_shift(model, batches, torch.device("cpu"))
+    assert all(r["var_rel"] < 1e-6 and r["var_l2"] < 1e-6 for r in after)
+    if name != "mabn":
+        assert all(r["mean_rel"] < 1e-6 for r in after) and any(r["mean_rel"] > 0.05 for r in before)
+    else:
+        assert all("mean_rel" not in r for r in after)  # MABN keeps no mean
+
+
+def test_estimation_shift_script_on_a_training_checkpoint(tmp_path):
+    data = make_fmnist_like(tmp_path / "fmnist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(tmp_path / "runs")}
+    train = [sys.executable, str(ROOT / "train_imagenet.py"), "data=fmnist", f"data.root={data}",
+             "model=cifar_resnet20_xbn", "model.depth=8", "model.width=4", "data.batch_size=8", "data.workers=0",
+             "logger=none", "epochs=1", "train.max_iters_per_epoch=3", "train.eval_max_batches=1", "norm=bn",
+             "batch=2"]
+    subprocess.run(train, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    (ckpt,) = (tmp_path / "runs").glob("*/checkpoints/last.pt")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "estimation_shift.py"), str(ckpt), "--batches", "3",
+                          "--out", str(tmp_path / "diag")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "diag" / "estimation_shift.json").read_text())
+    assert result["norm"] == "bn" and result["model"] == "cifar_resnet20_xbn"
+    assert [r["depth"] for r in result["layers"]] == list(range(len(result["layers"])))
+    assert all(r["type"] == "BatchNorm2d" for r in result["layers"])  # the XBNBlock GroupNorms are batch-free
+    assert (tmp_path / "diag" / "estimation_shift.png").stat().st_size > 1000
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "estimation_shift.py"), "nope.pt"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such checkpoint: nope.pt" in bad.stderr
+
+
+def _tiny(norm):
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1, bias=False), norm, torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2)).double()
+
+
+@pytest.mark.parametrize("name", ["bn", "mabn"])
+def test_tracer_statistics_equal_hand_computed_values(name, tmp_path):
+    from mabn.diagnostics import BatchStatsTracer
+
+    norm = build_norm(name, NormContext(norm_batch=2, device_batch=6)).ctor(3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+    net = _tiny(norm)
+    tracer = BatchStatsTracer(net, tmp_path / "trace.jsonl")
+    seen = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        seen.update(x=inputs[0].detach(), y=output)
+
+    net[1].register_forward_hook(keep)
+    tracer.arm(True, 7)
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 0, 1, 1, 0])).backward()
+    (rec,) = tracer.records
+    xs, dy = seen["x"], seen["y"].grad
+    gamma = norm.weight.detach().double()
+    mus, vars_, gs, psis = [], [], [], []
+    for k in range(3):  # three normalization batches of 2 samples, by hand
+        xk, gk = xs[2 * k:2 * k + 2], dy[2 * k:2 * k + 2] * gamma.view(1, -1, 1, 1)
+        mu = xk.mean(dim=(0, 2, 3))
+        var = ((xk - mu.view(1, -1, 1, 1)) ** 2).mean(dim=(0, 2, 3))
+        xhat = (xk - mu.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + norm.eps)
+        mus.append(mu), vars_.append(var), gs.append(gk.mean(dim=(0, 2, 3))), psis.append((gk * xhat).mean(dim=(0, 2, 3)))
+    mu, var, g, psi = (torch.stack(v) for v in (mus, vars_, gs, psis))
+    assert rec["iter"] == 7 and rec["n"] == 2 and rec["groups"] == 3 and rec["layer"] == "1"
+    for key, value in (("mu", mu), ("var", var), ("g", g), ("psi", psi)):
+        assert rec[key] == pytest.approx(float(value.mean()), rel=1e-12, abs=1e-15)
+    if name == "bn":  # against the layer's running statistics (updated by this very forward)
+        ref_mu, ref_var = norm.running_mean.double(), norm.running_var.double()
+    else:  # MABN keeps no mean: against the tracer's average over the batches traced so far
+        ref_mu, ref_var = mu.mean(0), var.mean(0)
+    assert rec["mu_dev"] == pytest.approx(float(((mu - ref_mu).abs() / (ref_var + norm.eps).sqrt()).mean()), rel=1e-9)
+    assert rec["var_dev"] == pytest.approx(float((var / (ref_var + norm.eps) - 1).abs().mean()), rel=1e-9)
+    rms = torch.stack([(dy[2 * k:2 * k + 2] * gamma.view(1, -1, 1, 1)).square().mean(dim=(0, 2, 3)).sqrt()
+                       for k in range(3)])
+    assert rec["psi_dev"] == pytest.approx(float(((psi - psi.mean(0)).abs() / rms).mean()), rel=1e-9)
+    assert rec["g_dev"] == pytest.approx(float(((g - g.mean(0)).abs() / rms).mean()), rel=1e-9)
+    assert json.loads((tmp_path / "trace.jsonl").read_text().splitlines()[0]) == rec
+
+
+def test_tracer_off_adds_no_hooks_and_unarmed_records_nothing(tmp_path):
+    from mabn.diagnostics import BatchStatsTracer
+
+    net = _tiny(build_norm("bn").ctor(3))
+    assert not net[1]._forward_hooks
+    tracer = BatchStatsTracer(net, None)
+    assert len(net[1]._forward_hooks) == 1
+    net(torch.randn(4, 1, 4, 4, dtype=torch.float64)).sum().backward()
+    assert tracer.records == []  # not armed
+    tracer.close()
+    assert not net[1]._forward_hooks
+
+
+def test_training_with_the_tracer_writes_every_layer_at_the_traced_steps(tmp_path):
+    data = make_fmnist_like(tmp_path / "fmnist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(tmp_path / "runs")}
+    cmd = [sys.executable, str(ROOT / "train_imagenet.py"), "data=fmnist", f"data.root={data}", "model=cifar_resnet20",
+           "model.depth=8", "model.width=4", "data.batch_size=8", "data.workers=0", "logger=none", "epochs=1",
+           "train.max_iters_per_epoch=5", "train.eval_max_batches=1", "norm=mabn", "batch=2"]
+    subprocess.run([*cmd, "diag.batch_stats=true", "diag.every=2"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    (trace,) = (tmp_path / "runs").glob("*/diag_batch_stats.jsonl")
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    layers = {r["layer"] for r in records}
+    assert len(layers) == 9 and sorted({r["iter"] for r in records}) == [2, 4]  # stem, 3 blocks x 2, 2 shortcuts
+    assert all(r["n"] == 2 and r["groups"] == 4 and r["type"] == "MABN2d" for r in records)
+    assert all(r[k] >= 0 for r in records for k in ("mu_dev", "var_dev", "g_dev", "psi_dev"))
+    subprocess.run([*cmd, "run.name=off"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    assert not list((tmp_path / "runs" / "off").glob("diag_*"))
