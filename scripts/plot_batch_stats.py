@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Plot the batch-statistics noise of runs traced with diag.batch_stats=true (the MABN paper's analysis).
+
+    python scripts/plot_batch_stats.py runs/fmnist-*/ --out results/diagnostics
+
+Reads each run's diag_batch_stats.jsonl and its Hydra config (norm, normalization batch). Writes
+batch_stats.json (the median deviation of each statistic per run and layer) and two figures (PNG + SVG):
+batch_stats_vs_n (median over traced steps and layers, against the normalization batch, one line per norm)
+and batch_stats_by_layer_<norm> (per layer, one line per normalization batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+STATS = {"mu_dev": "forward: mean μ_B", "var_dev": "forward: variance σ²_B", "g_dev": "backward: g_B",
+         "psi_dev": "backward: Ψ_B"}
+
+
+def load_run(run_dir: Path) -> dict:
+    trace = run_dir / "diag_batch_stats.jsonl"
+    config = run_dir / "hydra" / "config.yaml"
+    if not trace.is_file() or not config.is_file():
+        raise FileNotFoundError(f"{run_dir} has no diag_batch_stats.jsonl and hydra/config.yaml (train with "
+                                f"diag.batch_stats=true)")
+    cfg = OmegaConf.load(config)
+    per_layer: dict[tuple[int, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for line in trace.read_text().splitlines():
+        rec = json.loads(line)
+        for key in STATS:
+            per_layer[(rec["depth"], rec["layer"])][key].append(rec[key])
+    layers = [{"depth": d, "layer": name, **{k: statistics.median(v) for k, v in vals.items()}}
+              for (d, name), vals in sorted(per_layer.items())]
+    return {"run": str(run_dir), "norm": str(cfg.norm.name), "n": int(cfg.batch.norm_batch),
+            "seed": int(cfg.seed), "layers": layers,
+            **{k: statistics.median(layer[k] for layer in layers) for k in STATS}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--out", type=Path, default=Path("results/diagnostics"))
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(r) for r in args.runs]
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "batch_stats.json").write_text(json.dumps(runs, indent=1) + "\n")
+    plot(runs, args.out)
+    for r in sorted(runs, key=lambda r: (r["norm"], r["n"])):
+        print(f"{r['norm']:>6} n={r['n']:<3} " + "  ".join(f"{k} {r[k]:.4f}" for k in STATS))
+    return 0
+
+
+def plot(runs: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for norm in sorted({r["norm"] for r in runs}):
+        mine = sorted((r for r in runs if r["norm"] == norm), key=lambda r: r["n"])
+        for ax, key in zip(axes, STATS, strict=True):
+            ax.plot([r["n"] for r in mine], [r[key] for r in mine], marker="o", label=norm)
+    for ax, (key, title) in zip(axes, STATS.items(), strict=True):
+        ax.set(title=title, xlabel="normalization batch n", xscale="log", yscale="log", ylabel=key)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("Deviation of the batch statistics from their population values (median over steps, layers)")
+    fig.tight_layout()
+    _save(fig, out / "batch_stats_vs_n")
+    for norm in sorted({r["norm"] for r in runs}):
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+        for r in sorted((r for r in runs if r["norm"] == norm), key=lambda r: r["n"]):
+            for ax, key in zip(axes, STATS, strict=True):
+                ax.plot([x["depth"] for x in r["layers"]], [x[key] for x in r["layers"]], marker=".",
+                        label=f"n={r['n']}")
+        for ax, (key, title) in zip(axes, STATS.items(), strict=True):
+            ax.set(title=title, xlabel="norm layer (depth)", yscale="log", ylabel=key)
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.suptitle(f"{norm}: batch-statistics deviation per layer")
+        fig.tight_layout()
+        _save(fig, out / f"batch_stats_by_layer_{norm}")
+
+
+def _save(fig, stem: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for ext in ("png", "svg"):
+        fig.savefig(stem.with_suffix(f".{ext}"), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
