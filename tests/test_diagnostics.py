@@ -59,6 +59,14 @@ def test_estimation_shift_script_on_a_training_checkpoint(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "estimation_shift.py"), "nope.pt"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no such checkpoint: nope.pt" in bad.stderr
+    # PreciseBN after training, on the same checkpoint: both evaluations, the count of images used
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "precise_bn.py"), str(ckpt), "--batches", "2",
+                          "--out", str(tmp_path / "precise.json")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    precise = json.loads((tmp_path / "precise.json").read_text())
+    assert precise["recompute_batches"] == 2 and precise["recompute_images"] == 16
+    assert precise["running"]["count"] == precise["recomputed"]["count"] == 32
 
 
 def _tiny(norm):
