@@ -23,15 +23,15 @@ from torch import nn
 
 from .checkpoint import load as load_checkpoint
 from .models import build_model
-from .norms import MABN2d, NormContext, batch_dependent_types, build_norm, center_conv_weights
+from .norms import MABN2d, NormContext, batch_dependent_types, build_norm, center_conv_weights, norm_types
 from .precise_bn import recompute_norm_stats
 from .records import truncate_jsonl
 
 
 @torch.no_grad()
 def estimation_shift(model: nn.Module, batches, device: torch.device) -> list[dict]:
-    """Per batch-dependent norm layer (in registration order, which is forward order for the registry's
-    ResNets: stem, blocks, a block's shortcut last): the distance between its running statistics and
+    """Per batch-dependent norm layer, with its depth among all norm layers (registration order, which is
+    forward order for the registry's ResNets: stem, blocks, a block's shortcut last): the distance between its running statistics and
     those recomputed over ``batches`` with the model's weights (the model itself is left unchanged).
 
     ``mean_l2``/``var_l2``: ‖running − recomputed‖₂ over channels (the paper's measure); ``mean_rel``: mean
@@ -40,10 +40,13 @@ def estimation_shift(model: nn.Module, batches, device: torch.device) -> list[di
     """
     recomputed = copy.deepcopy(model)
     recompute_norm_stats(recomputed, batches, device)
-    pairs = [(name, m, recomputed.get_submodule(name)) for name, m in model.named_modules()
-             if isinstance(m, batch_dependent_types())]
+    # depth counts every norm layer (batch-free ones too), so XBNBlock and plain models line up
+    norms = [(name, m) for name, m in model.named_modules() if isinstance(m, norm_types())]
     rows = []
-    for depth, (name, old, new) in enumerate(pairs):
+    for depth, (name, old) in enumerate(norms):
+        if not isinstance(old, batch_dependent_types()):
+            continue
+        new = recomputed.get_submodule(name)
         eps = getattr(old, "eps", 1e-5)
         v_old, v_new = old.running_var.double(), new.running_var.double()
         row = {"depth": depth, "layer": name, "type": type(old).__name__, "channels": v_old.numel(),
