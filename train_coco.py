@@ -80,7 +80,7 @@ def _spawned_worker(cfg: DictConfig) -> None:
 def _worker(cfg: DictConfig, info: dist.DistInfo) -> int:
     try:
         return run(cfg, info)
-    except ConfigError as err:  # found while building (data files, weights)
+    except ConfigError as err:  # found while building (ImageNet weights of another norm)
         print(f"config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     finally:
@@ -127,7 +127,10 @@ def run(cfg: DictConfig, info: dist.DistInfo) -> int:
     recipe = build_norm(norm_cfg, NormContext(norm_batch=n, device_batch=n, world_size=info.world_size,
                                               total_iters=schedule.max_iter))
     model_opts = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-    model = build_mask_rcnn(recipe, num_classes=data.num_classes, **model_opts).to(device)
+    try:
+        model = build_mask_rcnn(recipe, num_classes=data.num_classes, **model_opts).to(device)
+    except ValueError as err:  # ImageNet weights that do not fit this backbone (another norm, no centring)
+        raise ConfigError(f"model.weights={cfg.model.weights}: {err}") from err
     optimizer = build_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True), lr)
     recorder = RunRecorder(run_dir, enabled=info.is_main, wandb_cfg=OmegaConf.to_container(cfg.logger),
                            config=OmegaConf.to_container(cfg, resolve=True), name=cfg.run.name)

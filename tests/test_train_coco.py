@@ -81,6 +81,17 @@ def test_bad_configs_fail_before_building(tmp_path, args, message):
     assert not (tmp_path / "data").exists()  # nothing generated either
 
 
+def test_imagenet_weights_of_another_norm_exit_2(tmp_path):
+    from mabn.models import build_model
+    from mabn.norms import build_norm
+
+    net = build_model("resnet50", build_norm("bn").ctor, num_classes=10)
+    torch.save({"model": net.state_dict()}, tmp_path / "bn.pt")
+    out = train_coco(["norm=mabn", f"model.weights={tmp_path / 'bn.pt'}"], tmp_path / "runs", tmp_path / "data",
+                     check=False)
+    assert out.returncode == 2 and "does not fit this backbone" in out.stderr, out.stderr[-2000:]
+
+
 def compose_coco(*overrides, return_hydra_config=False):
     from hydra import compose, initialize_config_dir
 
