@@ -62,8 +62,7 @@ def main(cfg: DictConfig) -> int:
     elif world > 1:  # detectron2's launch() starts the processes on this machine
         from mabn.d2 import engine
 
-        engine.launch(_spawned_worker, world, args=(cfg,))
-        code = 0
+        code = engine.launch(_spawned_worker, world, args=(cfg,))
     else:
         code = _worker(cfg, dist.init_distributed(cfg.train.device))
     if code:

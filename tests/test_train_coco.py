@@ -173,3 +173,8 @@ def test_ddp_two_processes_gloo(tmp_path, launcher):
     summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["sgd_batch"] == 2 and summary["norm_batch"] == 1
     assert {"AP", "AP50"} <= set(summary["bbox"])
+    if launcher == "detectron2_launch":  # a stop inside spawned workers comes out as the run's exit code
+        out = subprocess.run([sys.executable, *cmd, *TINY, "norm=mabn", "batch=1", "solver.max_iter=4",
+                              "solver.steps=[3]", "run.name=stopped", "train.stop_after_iters=1"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0 and "stopped by train.stop_after_iters at iteration 1" in out.stdout

@@ -66,11 +66,20 @@ def setup(output_dir: Path, rank: int, seed: int) -> None:
     seed_all_rng(seed)
 
 
-def launch(main: Callable, num_processes: int, args: tuple) -> None:
-    """detectron2's launch(): ``num_processes`` local processes in one process group (gloo on CPU)."""
-    from detectron2.engine import launch as d2_launch
+def launch(main: Callable, num_processes: int, args: tuple) -> int:
+    """detectron2's launch(): ``num_processes`` local processes in one process group (gloo on CPU).
 
-    d2_launch(main, num_processes, dist_url="auto", args=args)
+    Returns the exit code of the first process that exited with one (a stop: 143, a NaN: 3), else 0."""
+    from detectron2.engine import launch as d2_launch
+    from torch.multiprocessing import ProcessExitedException
+
+    try:
+        d2_launch(main, num_processes, dist_url="auto", args=args)
+    except ProcessExitedException as err:
+        if err.exit_code is None or err.exit_code < 0:  # killed by a signal: not a code of ours
+            raise
+        return err.exit_code
+    return 0
 
 
 def create_local_process_group(processes_per_machine: int) -> None:
