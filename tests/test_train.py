@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 
 from mabn.norms import registered_norms
 
+from .procs import sigterm_once
 from .tinydata import make_fmnist_like
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,16 +89,8 @@ def test_sigterm_checkpoints_and_exits(tmp_path, data_root):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(tmp_path)}
     cmd = [sys.executable, str(ROOT / "train_imagenet.py"), *TINY, f"data.root={data_root}", "norm=bn", "batch=8",
            "epochs=1000", "train.max_iters_per_epoch=null"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not list(Path(tmp_path).glob("*/metrics.jsonl")) and time.time() < deadline:
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, stderr[-3000:]
+    code, stdout, stderr = sigterm_once(cmd, env, Path(tmp_path), "*/metrics.jsonl", timeout=120)
+    assert code == 143, stderr[-3000:]
     assert "stopped by signal 15" in stdout
     state = torch.load(run_dir(tmp_path) / "checkpoints" / "last.pt", weights_only=False)["state"]
     assert state["iter"] >= 1

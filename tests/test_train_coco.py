@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .procs import sigterm_once
+
 pytest.importorskip("detectron2", reason="detectron2 not installed (MABN_D2_SOURCE=skip?)")
 pytestmark = [pytest.mark.detectron2, pytest.mark.slow]
 
@@ -136,22 +138,11 @@ def test_linear_scaling_rule():
 
 
 def test_sigterm_checkpoints_and_exits(tmp_path):
-    import signal
-    import time
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(tmp_path / "runs"),
            "MABN_DATA": str(tmp_path / "data")}
     cmd = [sys.executable, str(ROOT / "train_coco.py"), *TINY, "solver.max_iter=1000", "solver.steps=[900]"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300
-        while not list((tmp_path / "runs").glob("*/metrics.jsonl")) and time.time() < deadline:
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, stderr[-3000:]
+    code, stdout, stderr = sigterm_once(cmd, env, tmp_path / "runs", "*/metrics.jsonl")
+    assert code == 143, stderr[-3000:]
     assert "stopped by signal at iteration" in stdout
     (last,) = (tmp_path / "runs").glob("*/checkpoints/last_checkpoint")
     saved = torch.load(last.parent / last.read_text().strip(), weights_only=False)
