@@ -71,10 +71,13 @@ def plan_batches(cfg, world_size: int) -> BatchPlan:
     return BatchPlan(n, device_batch, world_size)
 
 
-def _check_common(cfg, plan: BatchPlan, world_size: int, device_type: str) -> None:
-    """What classification and detection runs share: norm name, AMP and device modes, syncbn's limits."""
+def _check_norm_name(cfg) -> None:
     if cfg.norm.name not in registered_norms():
         raise ConfigError(f"unknown norm {cfg.norm.name!r}; registered norms: {', '.join(registered_norms())}")
+
+
+def _check_common(cfg, plan: BatchPlan, world_size: int, device_type: str) -> None:
+    """What classification and detection runs share: AMP and device modes, syncbn's limits."""
     if cfg.train.amp not in AMP_MODES:
         raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {cfg.train.amp!r}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
@@ -91,6 +94,7 @@ def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
     """Check names, batches, schedule and data before building anything; returns the batch plan."""
     if cfg.model.name not in registered_models():
         raise ConfigError(f"unknown model {cfg.model.name!r}; registered: {', '.join(registered_models())}")
+    _check_norm_name(cfg)
     plan = plan_batches(cfg, world_size)
     _check_common(cfg, plan, world_size, device_type)
     _positive_int(cfg.epochs, "epochs")
@@ -124,6 +128,7 @@ def validate_detection(cfg, world_size: int = 1, device_type: str = "cpu") -> Ba
     if cfg.batch.mode != "device":
         raise ConfigError(f"detection trains with batch.mode=device (batch=n images per device), got "
                           f"batch.mode={cfg.batch.mode!r}")
+    _check_norm_name(cfg)
     plan = plan_batches(cfg, world_size)
     _check_common(cfg, plan, world_size, device_type)
     solver = cfg.solver

@@ -268,6 +268,27 @@ def test_coco_evaluation_with_pycocotools(shapes, tmp_path):
     assert (tmp_path / "a" / "coco_instances_results.json").exists()
 
 
+def test_shapes_set_written_by_concurrent_jobs_and_replaced_on_a_new_spec(tmp_path):
+    import dataclasses
+    import json
+    import multiprocessing
+
+    root = tmp_path / "shapes"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:  # three jobs of a sweep starting together
+        results = pool.starmap(make_shapes, [(root, TINY_SHAPES)] * 3)
+    assert all(r == results[0] for r in results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]  # no staging copies left behind
+    train = json.loads(results[0]["train"][0].read_text())
+    assert len(train["images"]) == TINY_SHAPES.num_train
+    assert sorted(p.name for p in results[0]["train"][1].iterdir()) == sorted(x["file_name"] for x in train["images"])
+
+    (root / "train" / "000001.png").unlink()  # a set of another spec is replaced as a whole
+    bigger = dataclasses.replace(TINY_SHAPES, num_train=TINY_SHAPES.num_train + 1)
+    splits = make_shapes(root, bigger)
+    assert len(json.loads(splits["train"][0].read_text())["images"]) == bigger.num_train
+    assert (root / "train" / "000001.png").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]
+
+
 def test_shapes_set_is_deterministic_with_exact_disjoint_masks(tmp_path):
     import json
 

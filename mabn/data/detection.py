@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,27 +130,55 @@ def _coco_split(rng, spec: ShapesSpec, count: int, image_dir: Path, first_id: in
             "images": images, "annotations": annotations, "categories": categories}
 
 
+def _shapes_paths(root: Path) -> dict[str, tuple[Path, Path]]:
+    return {s: (root / "annotations" / f"instances_{s}.json", root / s) for s in ("train", "val")}
+
+
+def _read_stamp(root: Path) -> dict | None:
+    try:
+        return json.loads((root / "shapes_spec.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def make_shapes(root: str | Path, spec: ShapesSpec = ShapesSpec()) -> dict[str, tuple[Path, Path]]:
     """Write the shapes set as COCO files under ``root`` (train/, val/, annotations/) unless it is there.
 
     Deterministic in ``spec`` (seeded numpy); exact RLE masks of the visible part of each shape (later
     shapes occlude earlier ones). Returns the same mapping as ``check_coco_root``.
+
+    The set is built in a private staging directory beside ``root`` and renamed into place, so jobs that
+    start together (a sweep, two shells) never read each other's half-written files: the first rename
+    wins and the others discard their copy. A set from another spec or generator version is replaced.
     """
     root = Path(root)
     stamp = {"version": _GENERATOR_VERSION, **asdict(spec)}
-    splits = {s: (root / "annotations" / f"instances_{s}.json", root / s) for s in ("train", "val")}
-    stamp_file = root / "shapes_spec.json"
-    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
-        return splits
+    if _read_stamp(root) == stamp:
+        return _shapes_paths(root)
     logger.info("generating the shapes dataset in %s (%d train / %d val images)", root, spec.num_train,
                 spec.num_val)
-    rng = np.random.default_rng(spec.seed)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    first = {"train": 1, "val": 1_000_001}
-    for split, count in (("train", spec.num_train), ("val", spec.num_val)):
-        coco = _coco_split(rng, spec, count, splits[split][1], first[split])
-        tmp = splits[split][0].with_suffix(".tmp")
-        tmp.write_text(json.dumps(coco))
-        tmp.replace(splits[split][0])
-    stamp_file.write_text(json.dumps(stamp, indent=2) + "\n")  # last: a half-written set is regenerated
-    return splits
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.staging-", dir=root.parent))
+    stale = None
+    try:
+        rng = np.random.default_rng(spec.seed)
+        (staging / "annotations").mkdir()
+        first = {"train": 1, "val": 1_000_001}
+        for split, count in (("train", spec.num_train), ("val", spec.num_val)):
+            json_path, image_dir = _shapes_paths(staging)[split]
+            json_path.write_text(json.dumps(_coco_split(rng, spec, count, image_dir, first[split])))
+        (staging / "shapes_spec.json").write_text(json.dumps(stamp, indent=2) + "\n")
+        if _read_stamp(root) != stamp:  # another job may have finished first
+            if root.exists():  # a set of another spec, or a half-written one
+                stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.stale-", dir=root.parent))
+                root.replace(stale / root.name)
+            try:
+                staging.replace(root)
+            except OSError:  # a job that started with this one renamed its copy in first
+                if _read_stamp(root) != stamp:
+                    raise
+    finally:
+        for leftover in (staging, stale):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+    return _shapes_paths(root)
