@@ -103,7 +103,7 @@ def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
     _positive_int(cfg.diag.every, "diag.every")
     try:
         if cfg.data.name == "imagenet":
-            check_imagenet_root(cfg.data.root)
+            check_imagenet_root(cfg.data.root, cfg.data.num_classes)
         elif cfg.data.name == "fmnist":
             root = Path(cfg.data.root)
             if not any(root.glob("train-images-idx3-ubyte*")):

@@ -72,4 +72,14 @@ def test_imagenet_root_errors(tmp_path):
     with pytest.raises(DataConfigError, match=r"has no val/ folder"):
         check_imagenet_root(tmp_path)
     (tmp_path / "val").mkdir()
-    assert check_imagenet_root(tmp_path) == tmp_path
+    with pytest.raises(DataConfigError, match=r"train/ holds no class folders"):
+        check_imagenet_root(tmp_path)
+    for split, classes in (("train", "abc"), ("val", "ab")):
+        for c in classes:
+            (tmp_path / split / c).mkdir()
+    with pytest.raises(DataConfigError, match=r"same class folders .*only in train/: \['c'\], only in val/: \[\]"):
+        check_imagenet_root(tmp_path)
+    (tmp_path / "val" / "c").mkdir()
+    assert check_imagenet_root(tmp_path, num_classes=3) == tmp_path
+    with pytest.raises(DataConfigError, match=r"data.num_classes=1000 but .* has 3 class folders; set data.num_classes=3"):
+        check_imagenet_root(tmp_path, num_classes=1000)

@@ -12,7 +12,7 @@ import torch
 from mabn.norms import registered_norms
 
 from .procs import sigterm_once
-from .tinydata import make_fmnist_like
+from .tinydata import make_fmnist_like, make_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data=fmnist", "model=cifar_resnet20", "model.depth=8", "model.width=4", "data.batch_size=8",
@@ -25,9 +25,9 @@ def data_root(tmp_path_factory):
     return make_fmnist_like(tmp_path_factory.mktemp("fmnist"))
 
 
-def train(args, runs, data_root, *, timeout=300, check=True, launcher=None):
+def train(args, runs, data_root, *, timeout=300, check=True, launcher=None, base=TINY):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(runs), "WANDB_SILENT": "true"}
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "train_imagenet.py"), *TINY, f"data.root={data_root}", *args]
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "train_imagenet.py"), *base, f"data.root={data_root}", *args]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr[-4000:]}")
@@ -128,6 +128,24 @@ def test_bad_config_named_before_training(args, message, tmp_path, data_root):
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr
     assert not list(Path(tmp_path).glob("*/checkpoints"))
+
+
+def test_imagefolder_trains_and_class_folders_are_checked(tmp_path):
+    """data=imagenet on a tiny ImageFolder (ImageNet's layout): JPEG decoding, crops, ResNet-18, evaluation."""
+    root = make_imagefolder(tmp_path / "imagefolder")
+    base = ["data=imagenet", "data.image_size=32", "data.batch_size=4", "data.workers=0", "model=resnet18",
+            "logger=none", "train.log_every=1", "epochs=1", "train.max_iters_per_epoch=3", "optim.lr=0.05"]
+    train(["data.num_classes=3", "norm=mabn", "batch=2"], tmp_path / "runs", root, base=base)
+    summary = json.loads((run_dir(tmp_path / "runs") / "summary.json").read_text())
+    assert summary["data"] == "imagenet" and summary["model"] == "resnet18" and summary["iters"] == 3
+    assert summary["val_count"] == 12 and 0 <= summary["top1"] <= 100
+
+    out = train(["norm=bn", "batch=4"], tmp_path / "bad", root, base=base, check=False)  # num_classes 1000
+    assert out.returncode == 2 and "data.num_classes=1000 but" in out.stderr and "set data.num_classes=3" in out.stderr
+    (root / "val" / "n00000001").rename(root / "val" / "n00000009")  # labels would shift silently
+    out = train(["data.num_classes=3", "norm=bn", "batch=4"], tmp_path / "bad", root, base=base, check=False)
+    assert out.returncode == 2 and "only in train/: ['n00000001']" in out.stderr, out.stderr[-2000:]
+    assert not list((tmp_path / "bad").glob("*/checkpoints"))
 
 
 def test_missing_imagenet_root_mentions_fmnist(tmp_path, data_root):

@@ -25,3 +25,19 @@ def make_fmnist_like(root: Path, train: int = 96, test: int = 32, seed: int = 0)
         write_idx(root / f"{split}-images-idx3-ubyte.gz", np.clip(images, 0, 255))
         write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
     return root
+
+
+def make_imagefolder(root: Path, classes: int = 3, train: int = 8, val: int = 4, size: int = 40, seed: int = 0) -> Path:
+    """root/{train,val}/<class>/*.JPEG: class-coloured noisy JPEGs in ImageNet's folder layout."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("val", val)):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 80, size=(size, size, 3))
+                pixels[..., c % 3] += 150
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{split}_{c}_{i}.JPEG", "JPEG")
+    return root

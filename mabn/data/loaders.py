@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -21,8 +22,13 @@ class DataConfigError(ValueError):
     """A data setting that cannot work (missing root, wrong layout); raised before training starts."""
 
 
-def check_imagenet_root(root) -> Path:
-    """The ImageFolder layout root/train/<class>/ and root/val/<class>/, or a DataConfigError saying so."""
+def check_imagenet_root(root, num_classes: int | None = None) -> Path:
+    """The ImageFolder layout root/train/<class>/ and root/val/<class>/, or a DataConfigError saying so.
+
+    ImageFolder numbers classes by their sorted folder names, separately for train/ and val/: a class folder
+    missing from one side would shift every later label and make accuracy silently wrong, so both sides must
+    hold the same class folders, ``num_classes`` of them when given (the model's output width).
+    """
     hint = ("expected an ImageFolder layout: <root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG; set "
             "data.root=/path or IMAGENET_ROOT. Without ImageNet, `data=fmnist` (or experiment=fmnist) runs on "
             "Fashion-MNIST.")
@@ -32,6 +38,17 @@ def check_imagenet_root(root) -> Path:
     missing = [d for d in ("train", "val") if not (root / d).is_dir()]
     if missing:
         raise DataConfigError(f"data.root={root} has no {' or '.join(d + '/' for d in missing)} folder; {hint}")
+    train, val = (sorted(e.name for e in os.scandir(root / d) if e.is_dir()) for d in ("train", "val"))
+    if not train:
+        raise DataConfigError(f"data.root={root}: train/ holds no class folders; {hint}")
+    if train != val:
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise DataConfigError(f"data.root={root}: train/ and val/ must hold the same class folders (labels are "
+                              f"their sorted order); only in train/: {only_train[:5]}{' ...' * (len(only_train) > 5)}"
+                              f", only in val/: {only_val[:5]}{' ...' * (len(only_val) > 5)}")
+    if num_classes is not None and len(train) != num_classes:
+        raise DataConfigError(f"data.num_classes={num_classes} but data.root={root} has {len(train)} class "
+                              f"folders; set data.num_classes={len(train)}")
     return root
 
 
@@ -114,7 +131,7 @@ def build_datasets(data_cfg, seed: int):
     """(train dataset with seeded augmentation, val dataset, input channels) for data=imagenet|fmnist."""
     name = data_cfg["name"]
     if name == "imagenet":
-        root = check_imagenet_root(data_cfg["root"])
+        root = check_imagenet_root(data_cfg["root"], data_cfg["num_classes"])
         size = data_cfg["image_size"]
         normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
