@@ -16,6 +16,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mabn import dist
@@ -45,6 +46,8 @@ def _scaled_schedule(cfg: DictConfig, sgd_batch: int) -> tuple[float, dict]:
 
 @hydra.main(config_path="configs", config_name="train_coco", version_base="1.3")
 def main(cfg: DictConfig) -> int:
+    # Hydra's runtime state does not reach processes spawned by detectron2's launch: read it here
+    experiment = HydraConfig.get().runtime.choices.get("experiment")
     ranks_from_env = dist.env_ranks()
     world = ranks_from_env[1] if ranks_from_env else cfg.train.num_gpus
     use_cuda = torch.cuda.is_available() if cfg.train.device == "auto" else cfg.train.device == "cuda"
@@ -58,27 +61,27 @@ def main(cfg: DictConfig) -> int:
 
         info = dist.init_distributed(cfg.train.device)
         engine.create_local_process_group(dist.local_world_size())
-        code = _worker(cfg, info)
+        code = _worker(cfg, info, experiment)
     elif world > 1:  # detectron2's launch() starts the processes on this machine
         from mabn.d2 import engine
 
-        code = engine.launch(_spawned_worker, world, args=(cfg,))
+        code = engine.launch(_spawned_worker, world, args=(cfg, experiment))
     else:
-        code = _worker(cfg, dist.init_distributed(cfg.train.device))
+        code = _worker(cfg, dist.init_distributed(cfg.train.device), experiment)
     if code:
         sys.exit(code)
     return 0
 
 
-def _spawned_worker(cfg: DictConfig) -> None:
-    code = _worker(cfg, dist.info_from_process_group(cfg.train.device, cfg.train.num_gpus))
+def _spawned_worker(cfg: DictConfig, experiment: str | None) -> None:
+    code = _worker(cfg, dist.info_from_process_group(cfg.train.device, cfg.train.num_gpus), experiment)
     if code:
         sys.exit(code)
 
 
-def _worker(cfg: DictConfig, info: dist.DistInfo) -> int:
+def _worker(cfg: DictConfig, info: dist.DistInfo, experiment: str | None) -> int:
     try:
-        return run(cfg, info)
+        return run(cfg, info, experiment)
     except ConfigError as err:  # found while building (ImageNet weights of another norm)
         print(f"config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -86,7 +89,7 @@ def _worker(cfg: DictConfig, info: dist.DistInfo) -> int:
         dist.cleanup()
 
 
-def run(cfg: DictConfig, info: dist.DistInfo) -> int:
+def run(cfg: DictConfig, info: dist.DistInfo, experiment: str | None = None) -> int:
     from mabn.d2 import data as d2data
     from mabn.d2 import engine
     from mabn.d2.model import build_mask_rcnn
@@ -153,25 +156,29 @@ def run(cfg: DictConfig, info: dist.DistInfo) -> int:
         resume=cfg.run.resume, on_resume=lambda start: recorder.truncate_after(start - 1, key="iteration"),
         stop_requested=stop_requested, stop_after=cfg.train.stop_after_iters, preempted_code=EXIT_PREEMPTED,
         nonfinite_code=EXIT_NONFINITE)
+    facts = {
+        "task": "detection", "experiment": experiment, "data": data.name, "model": cfg.model.name,
+        "norm": cfg.norm.name, "norm_params": dict(recipe.params), "norm_batch": n, "device_batch": n,
+        "batch_mode": "device", "world_size": info.world_size, "sgd_batch": sgd_batch, "lr": lr, "seed": cfg.seed,
+        "iters": schedule.max_iter, "weights": cfg.model.weights, "freeze_at": cfg.model.freeze_at,
+        "wall_time_s": round(result.elapsed_s, 1), "device": hardware(device), "amp": str(amp_dtype),
+        "git_sha": sha, "wandb_id": recorder.wandb_id, "torch": torch.__version__,
+        "detectron2": engine.detectron2_version(), "command": _COMMAND, "run_dir": str(run_dir),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if result.status != "finished":
         print(("error: " if result.status == "nonfinite" else "") + result.message,
               file=sys.stderr if result.status == "nonfinite" else sys.stdout, flush=True)
+        if result.status == "nonfinite":  # a record of the divergence; the last good checkpoint stays
+            recorder.write_summary({**facts, "status": "diverged", "error": result.message,
+                                    "bbox_AP": None, "segm_AP": None})
         recorder.close()
         return result.exit_code
 
     # detectron2 reports NaN when the model made no prediction at all; the record says null
     ap = {task: {k: round(float(v), 3) if math.isfinite(v) else None for k, v in result.metrics.get(task, {}).items()}
           for task in ("bbox", "segm")}
-    recorder.write_summary({
-        "task": "detection", "data": data.name, "model": cfg.model.name, "norm": cfg.norm.name,
-        "norm_params": dict(recipe.params), "norm_batch": n, "device_batch": n, "batch_mode": "device",
-        "world_size": info.world_size, "sgd_batch": sgd_batch, "lr": lr, "seed": cfg.seed,
-        "iters": schedule.max_iter, "bbox_AP": ap["bbox"].get("AP"), "segm_AP": ap["segm"].get("AP"),
-        "bbox": ap["bbox"], "segm": ap["segm"], "weights": cfg.model.weights, "freeze_at": cfg.model.freeze_at,
-        "wall_time_s": round(result.elapsed_s, 1), "device": hardware(device), "amp": str(amp_dtype),
-        "git_sha": sha, "wandb_id": recorder.wandb_id, "torch": torch.__version__,
-        "detectron2": engine.detectron2_version(), "command": _COMMAND, "run_dir": str(run_dir),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    recorder.write_summary({**facts, "status": "finished", "bbox_AP": ap["bbox"].get("AP"),
+                            "segm_AP": ap["segm"].get("AP"), "bbox": ap["bbox"], "segm": ap["segm"]})
     recorder.close()
     if info.is_main:
         print(f"done: box AP {ap['bbox'].get('AP')} mask AP {ap['segm'].get('AP')}; records in {run_dir}",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -82,7 +83,7 @@ def main(cfg: DictConfig) -> int:
         dist.cleanup()
         sys.exit(EXIT_CONFIG)
     try:
-        code = run(cfg, plan, info)
+        code = run(cfg, plan, info, HydraConfig.get().runtime.choices.get("experiment"))
     except ConfigError as err:  # found while resuming (a checkpoint from another config)
         print(f"config error: {err}", file=sys.stderr)
         code = EXIT_CONFIG
@@ -93,7 +94,7 @@ def main(cfg: DictConfig) -> int:
     return 0
 
 
-def run(cfg: DictConfig, plan, info: dist.DistInfo) -> int:
+def run(cfg: DictConfig, plan, info: dist.DistInfo, experiment: str | None = None) -> int:
     started, sha = time.time(), git_sha()  # the code this process runs, read before anything can change it
     torch.manual_seed(cfg.seed + info.rank)
     run_dir = Path(cfg.run.dir)
@@ -211,6 +212,16 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo) -> int:
             save()
         return bool(stop.item() > 0 or requested)
 
+    def run_facts() -> dict:  # what every summary.json of this run says, however it ended
+        return {
+            "task": "classification", "experiment": experiment, "data": cfg.data.name, "model": cfg.model.name,
+            "norm": cfg.norm.name, "norm_params": dict(recipe.params), "norm_batch": plan.norm_batch,
+            "device_batch": plan.device_batch, "batch_mode": cfg.batch.mode, "world_size": info.world_size,
+            "sgd_batch": plan.sgd_batch, "lr": lr, "seed": cfg.seed, "epochs": cfg.epochs, "iters": state["iter"],
+            "wall_time_s": round(state["elapsed"] + time.time() - started, 1), "device": hardware(device),
+            "amp": str(amp_dtype), "git_sha": sha, "wandb_id": recorder.wandb_id, "torch": torch.__version__,
+            "command": _COMMAND, "run_dir": str(run_dir), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
     try:
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
@@ -247,23 +258,18 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo) -> int:
             save(best=best)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        # a record of the divergence (results tables count it); the last good checkpoint stays as it was
+        recorder.write_summary({**run_facts(), "status": "diverged", "error": str(err), "top1": None})
         recorder.close()
         return EXIT_NONFINITE
 
     final = state["last_eval"]
     recorder.write_summary({
-        "task": "classification", "data": cfg.data.name, "model": cfg.model.name, "norm": cfg.norm.name,
-        "norm_params": dict(recipe.params), "norm_batch": plan.norm_batch, "device_batch": plan.device_batch,
-        "batch_mode": cfg.batch.mode, "world_size": info.world_size, "sgd_batch": plan.sgd_batch, "lr": lr,
-        "seed": cfg.seed, "epochs": cfg.epochs, "iters": state["iter"], "top1": final["top1"],
-        "top5": final["top5"], "val_loss": final["loss"], "best_top1": state["best_top1"],
-        "val_count": final["count"], "top1_precise": final.get("precise_top1"),
-        "top5_precise": final.get("precise_top5"),
+        **run_facts(), "status": "finished", "top1": final["top1"], "top5": final["top5"],
+        "val_loss": final["loss"], "best_top1": state["best_top1"], "val_count": final["count"],
+        "top1_precise": final.get("precise_top1"), "top5_precise": final.get("precise_top5"),
         "inference_stats": f"precise_bn over {precise_batches} batches per rank, each epoch (top1_precise); "
-                           "running averages (top1)" if precise_batches else "running averages", "wall_time_s": round(state["elapsed"] + time.time() - started, 1),
-        "device": hardware(device), "amp": str(amp_dtype), "git_sha": sha, "wandb_id": recorder.wandb_id,
-        "torch": torch.__version__, "command": _COMMAND, "run_dir": str(run_dir),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                           "running averages (top1)" if precise_batches else "running averages"})
     recorder.close()
     if info.is_main:
         print(f"done: top1 {final['top1']:.2f} top5 {final['top5']:.2f}; records in {run_dir}", flush=True)

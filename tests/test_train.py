@@ -48,6 +48,7 @@ def test_two_epochs_per_norm(norm, tmp_path, data_root):
     assert summary["norm"] == norm and summary["iters"] == 4 and summary["device_batch"] == 8
     assert summary["norm_batch"] == (8 if norm == "syncbn" else 2)
     assert 0 <= summary["top1"] <= 100 and summary["val_count"] == 16
+    assert summary["status"] == "finished" and summary["experiment"] is None  # no experiment= given
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [x["iter"] for x in lines if "train/loss" in x] == [1, 2, 3, 4]
     assert (d / "checkpoints" / "last.pt").exists() and (d / "hydra" / "config.yaml").exists()
@@ -161,7 +162,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root
     bad = int(out.stderr.split("at iteration ")[1].split(";")[0])
     state = torch.load(run_dir(tmp_path) / "checkpoints" / "last.pt", weights_only=False)["state"]
     assert state["iter"] == bad - 1
-    assert not (run_dir(tmp_path) / "summary.json").exists()
+    summary = json.loads((run_dir(tmp_path) / "summary.json").read_text())  # results tables count divergences
+    assert summary["status"] == "diverged" and summary["top1"] is None and summary["iters"] == bad - 1
+    assert f"at iteration {bad}" in summary["error"] and summary["norm"] == "bn" and summary["norm_batch"] == 4
 
 
 def test_precise_bn_evaluation_is_recorded(tmp_path, data_root):

@@ -42,6 +42,7 @@ def test_trains_evaluates_and_records(tmp_path):
     d = only_run(tmp_path / "runs")
     summary = json.loads((d / "summary.json").read_text())
     assert summary["task"] == "detection" and summary["norm"] == "mabn" and summary["iters"] == 4
+    assert summary["status"] == "finished" and summary["experiment"] == "shapes"  # the table it belongs to
     assert summary["norm_batch"] == summary["device_batch"] == 2 and summary["norm_params"]["window"] == 16
     for task in ("bbox", "segm"):  # pycocotools' numbers, whatever 4 iterations give (null: no prediction)
         ap = summary[f"{task}_AP"]
@@ -66,6 +67,14 @@ def test_resume_after_a_stop_continues_exactly(tmp_path):
     resumed = torch.load(d / "checkpoints" / "model_final.pth", weights_only=False)
     for key, value in straight["model"].items():  # weights and MABN state (rings, counters, running_var)
         assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_nonfinite_loss_exits_3_with_a_diverged_record(tmp_path):
+    out = train_coco(["norm=bn", "optim.lr=1e30", "train.ckpt_period=1"], tmp_path / "runs", tmp_path / "data",
+                     check=False)
+    assert out.returncode == 3 and "at iteration" in out.stderr, out.stderr[-2000:]
+    summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["bbox_AP"] is None and "at iteration" in summary["error"]
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -1,0 +1,288 @@
+"""results/ tables and plots generated from run records (summary.json + metrics.jsonl); no hand-typed number.
+
+A record is a run directory holding ``summary.json`` (written by the entry scripts) and usually
+``metrics.jsonl``. Records live in ``results/records/<table>/<run>/``: the folder name is the table they
+belong to. Every cell is one norm x normalization batch, aggregated over seeds (mean, sample std, count).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mabn.papers import Reported, reported_for
+
+# The metrics a table shows, per task: (summary key, header, lower is better). Classification tables show
+# top-1 *error*, the papers' axis; a record holds top-1 accuracy and the error is 100 - it.
+METRICS = {"classification": [("top1_err", "top-1 err (%)", True)],
+           "detection": [("bbox_AP", "box AP", False), ("segm_AP", "mask AP", False)]}
+NORM_ORDER = ["bn", "syncbn", "gn", "brn", "mabn", "frozenbn"]
+
+
+@dataclass
+class Cell:
+    """All records of one norm at one normalization batch (the seeds of a results-table cell)."""
+
+    norm: str
+    n: int
+    runs: list = field(default_factory=list)
+
+    @property
+    def finished(self) -> list:
+        return [r for r in self.runs if r.get("status", "finished") == "finished"]
+
+    @property
+    def diverged(self) -> list:
+        return [r for r in self.runs if r.get("status") == "diverged"]
+
+    def values(self, key: str) -> list[float]:
+        return [r[key] for r in self.finished if r.get(key) is not None]
+
+
+def load_record(run_dir: Path) -> dict:
+    """summary.json of a run, with the derived top-1 error and where it came from."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("top1") is not None:
+        summary["top1_err"] = round(100.0 - summary["top1"], 4)
+    summary["record_dir"] = str(run_dir)
+    return summary
+
+
+def load_tables(records_root: Path) -> dict[str, list[dict]]:
+    """{table: [record, ...]} for every records_root/<table>/**/summary.json."""
+    tables: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(records_root.glob("*/**/summary.json")):
+        table = path.relative_to(records_root).parts[0]
+        tables[table].append(load_record(path.parent))
+    return dict(tables)
+
+
+def collect(run_dirs: list[Path], records_root: Path, table: str | None = None) -> list[Path]:
+    """Copy the record files of finished (or diverged) runs into records_root/<table>/<run name>/.
+
+    The table is ``table`` or the run's experiment (recorded in summary.json). Checkpoints and wandb files
+    stay behind: the record is summary.json, metrics.jsonl and the resolved config."""
+    written = []
+    for run_dir in run_dirs:
+        summary_path = run_dir / "summary.json"
+        if not summary_path.is_file():
+            continue  # unfinished: nothing to record yet
+        name = table or json.loads(summary_path.read_text()).get("experiment")
+        if not name:
+            raise ValueError(f"{run_dir}/summary.json names no experiment; pass the table name (--table)")
+        dest = records_root / name / run_dir.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for src, dst in (("summary.json", "summary.json"), ("metrics.jsonl", "metrics.jsonl"),
+                         ("hydra/config.yaml", "config.yaml")):
+            if (run_dir / src).is_file():
+                shutil.copy2(run_dir / src, dest / dst)
+        written.append(dest)
+    return written
+
+
+def cells(records: list[dict]) -> list[Cell]:
+    """Records grouped by (norm, normalization batch), in the papers' norm order and increasing n."""
+    by_key: dict[tuple[str, int], Cell] = {}
+    for rec in records:
+        key = (rec["norm"], int(rec["norm_batch"]))
+        by_key.setdefault(key, Cell(*key)).runs.append(rec)
+    order = {name: i for i, name in enumerate(NORM_ORDER)}
+    return sorted(by_key.values(), key=lambda c: (order.get(c.norm, len(order)), c.norm, c.n))
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single run)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def format_cell(cell: Cell, key: str) -> str:
+    values = cell.values(key)
+    diverged = len(cell.diverged)
+    if not values:
+        return f"diverged ({diverged}/{len(cell.runs)})" if diverged else "–"
+    mean, std = mean_std(values)
+    text = f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+    text += f" ({len(values)})"
+    if diverged:
+        text += f", {diverged} diverged"
+    return text
+
+
+def _task(records: list[dict]) -> str:
+    tasks = {r.get("task", "classification") for r in records}
+    if len(tasks) != 1:
+        raise ValueError(f"a table holds one task; these records mix {sorted(tasks)}")
+    return tasks.pop()
+
+
+def _provenance(records: list[dict]) -> list[str]:
+    """Hardware, commits, software, dates and commands of a table's records."""
+    def counted(key):
+        return ", ".join(f"{value} ({count})" for value, count in Counter(str(r.get(key)) for r in records).most_common())
+
+    finished = sorted(r["finished"] for r in records if r.get("finished"))
+    hours = sum(r.get("wall_time_s") or 0 for r in records) / 3600
+    lines = [f"- hardware (runs): {counted('device')}",
+             f"- commit (runs): {counted('git_sha')}",
+             f"- torch (runs): {counted('torch')}"]
+    if finished:
+        lines.append(f"- finished between {finished[0]} and {finished[-1]}; {hours:.1f} h of training in all")
+    examples = Counter(r.get("command") for r in records if r.get("command"))
+    for command, count in sorted(examples.items())[:6]:
+        lines.append(f"- `python {command}`" + (f" ({count} runs)" if count > 1 else ""))
+    if len(examples) > 6:
+        lines.append(f"- ... and {len(examples) - 6} more commands (each record's summary.json holds its own)")
+    return lines
+
+
+def _settings(records: list[dict]) -> str:
+    def values(key):
+        return "/".join(sorted({str(r.get(key)) for r in records}))
+
+    return (f"data {values('data')}, model {values('model')}, device batch {values('device_batch')}, "
+            f"{values('world_size')} process(es), SGD batch {values('sgd_batch')}, "
+            f"{'epochs ' + values('epochs') if records[0].get('epochs') else 'iterations ' + values('iters')}, "
+            f"seeds {values('seed')}")
+
+
+def render_table(table: str, records: list[dict], figures: list[str] = ()) -> str:
+    """The markdown of one results table: ours per cell, then the papers' numbers in their own columns."""
+    task = _task(records)
+    grid = cells(records)
+    metrics = METRICS[task]
+    ns = sorted({c.n for c in grid})
+    norms = list(dict.fromkeys(c.norm for c in grid))
+    out = [f"# {table}", "",
+           f"Generated by `scripts/make_tables.py` from the {len(records)} records in `records/{table}/`; "
+           "do not edit by hand. Each cell: mean ± sample std over seeds (runs). "
+           "n = normalization batch (samples per norm-layer call).", "",
+           f"Settings: {_settings(records)}.", ""]
+    for key, header, lower in metrics:
+        out += [f"## This repository: {header} ({'lower' if lower else 'higher'} is better)", "",
+                "| norm | " + " | ".join(f"n={n}" for n in ns) + " |",
+                "|---|" + "---|" * len(ns)]
+        by = {(c.norm, c.n): c for c in grid}
+        for norm in norms:
+            row = [format_cell(by[(norm, n)], key) if (norm, n) in by else "" for n in ns]
+            out.append(f"| {norm} | " + " | ".join(row) + " |")
+        out.append("")
+    reported: list[Reported] = reported_for(task, table)
+    out += ["## Reported in the papers (not this data or hardware unless stated; reference only)", "",
+            "| norm | n | " + " | ".join(f"this repo: {h}" for _, h, _ in metrics) + " | runs | "
+            + " | ".join(r.label for r in reported) + " |",
+            "|---|---|" + "---|" * (len(metrics) + 1 + len(reported))]
+    for c in grid:
+        ours = [format_cell(c, key) for key, _, _ in metrics]
+        out.append(f"| {c.norm} | {c.n} | " + " | ".join(ours) + f" | {len(c.runs)} | "
+                   + " | ".join(r.get(c.norm, c.n) for r in reported) + " |")
+    out += ["", "≈: read off the paper's figure. Papers: Yan et al. 2020 (MABN, official README); Wu & He 2018 "
+            "(GN). MABN's ImageNet n is simulated inside 32-image device batches at SGD batch 256; GN's n is images "
+            "per GPU.", "", "## Provenance", ""]
+    out += _provenance(records)
+    if figures:
+        out += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(out) + "\n"
+
+
+def _curve(record: dict) -> tuple[list[float], list[float]]:
+    """(iteration, training loss) from a record's metrics.jsonl (ours or detectron2's JSONWriter)."""
+    path = Path(record["record_dir"]) / "metrics.jsonl"
+    xs, ys = [], []
+    if not path.is_file():
+        return xs, ys
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        loss = row.get("train/loss", row.get("total_loss"))
+        if loss is not None:
+            xs.append(row.get("iter", row.get("iteration")))
+            ys.append(loss)
+    return xs, ys
+
+
+def plot_table(table: str, records: list[dict], out_dir: Path) -> list[str]:
+    """<table>_vs_n.{png,svg} (metric vs normalization batch, one line per norm, std as error bars; the
+    papers' curves in a separate panel) and <table>_curves.{png,svg} (training loss per norm, one line per n,
+    mean over seeds). Returns the PNG file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task = _task(records)
+    grid = cells(records)
+    key, header, _ = METRICS[task][0]
+    reported = reported_for(task, table)[0]
+    names = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for norm in dict.fromkeys(c.norm for c in grid):
+        pts = [(c.n, *mean_std(c.values(key))) for c in grid if c.norm == norm and c.values(key)]
+        if pts:
+            n, mean, std = zip(*pts, strict=True)
+            axes[0].errorbar(n, mean, yerr=[s or 0.0 for s in std], marker="o", capsize=3, label=norm,
+                             color=_color(norm))
+        paper = reported.values.get(norm)
+        if paper:
+            axes[1].plot(sorted(paper), [paper[k] for k in sorted(paper)], marker="s", linestyle="--", label=norm,
+                         color=_color(norm))
+    axes[0].set_title(f"this repository: {table}")
+    axes[1].set_title(reported.label)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("normalization batch n")
+        ax.set_ylabel(header if ax is axes[0] else reported.metric)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    names.append(_save(fig, out_dir / f"{table}_vs_n"))
+
+    norms = list(dict.fromkeys(c.norm for c in grid))
+    fig, axes = plt.subplots(1, len(norms), figsize=(4 * len(norms), 3.5), squeeze=False, sharey=True)
+    for ax, norm in zip(axes[0], norms, strict=True):
+        for c in (c for c in grid if c.norm == norm):
+            curves = [_curve(r) for r in c.finished]
+            curves = [cv for cv in curves if cv[0]]
+            if not curves:
+                continue
+            length = min(len(cv[0]) for cv in curves)  # seeds logged at the same iterations
+            mean = [statistics.fmean(cv[1][i] for cv in curves) for i in range(length)]
+            ax.plot(curves[0][0][:length], mean, label=f"n={c.n} ({len(curves)})")
+        ax.set_title(norm)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("training loss (mean over seeds)")
+    fig.tight_layout()
+    names.append(_save(fig, out_dir / f"{table}_curves"))
+    plt.close("all")
+    return names
+
+
+def _color(norm: str) -> str:
+    """The same colour for a norm in every panel and table."""
+    return f"C{NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER)}"
+
+
+def _save(fig, stem: Path) -> str:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "svg"):
+        fig.savefig(stem.with_suffix(f".{ext}"), dpi=120)
+    return stem.with_suffix(".png").name
+
+
+def make_tables(records_root: Path, out_dir: Path, plots: bool = True) -> list[Path]:
+    """Write out_dir/<table>.md (and its figures) for every table under records_root."""
+    written = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for table, records in sorted(load_tables(records_root).items()):
+        figures = plot_table(table, records, out_dir / "figures") if plots else []
+        path = out_dir / f"{table}.md"
+        path.write_text(render_table(table, records, [f"figures/{f}" for f in figures]))
+        written.append(path)
+    return written

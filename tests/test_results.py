@@ -1,0 +1,125 @@
+"""results/ generation: tables hold exactly the records' aggregates, papers' numbers only in their columns."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mabn.papers import MABN_IMAGENET
+from mabn.results import cells, collect, load_tables, make_tables, render_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run(root: Path, name: str, **summary) -> Path:
+    run = root / name
+    (run / "hydra").mkdir(parents=True)
+    base = {"task": "classification", "experiment": "fmnist", "data": "fmnist", "model": "cifar_resnet20",
+            "device_batch": 32, "world_size": 1, "sgd_batch": 32, "epochs": 3, "iters": 100, "status": "finished",
+            "device": "CPU test", "git_sha": "abc123", "torch": "2.x", "wall_time_s": 360.0,
+            "finished": "2026-11-24T00:00:00+0000", "command": f"train_imagenet.py {name}"}
+    (run / "summary.json").write_text(json.dumps({**base, **summary}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"iter": i, "train/loss": 2.0 / i}) + "\n" for i in (1, 2, 3)))
+    (run / "hydra" / "config.yaml").write_text("seed: 0\n")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"not copied")
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """A small sweep: bn@2 over three seeds, bn@32 once, mabn@2 once + one diverged bn@1."""
+    runs = tmp_path / "runs"
+    for seed, top1 in enumerate((90.0, 91.0, 92.0)):
+        write_run(runs, f"bn-n2-s{seed}", norm="bn", norm_batch=2, seed=seed, top1=top1)
+    write_run(runs, "bn-n32-s0", norm="bn", norm_batch=32, seed=0, top1=93.5)
+    write_run(runs, "mabn-n2-s0", norm="mabn", norm_batch=2, seed=0, top1=93.25)
+    write_run(runs, "bn-n1-s0", norm="bn", norm_batch=1, seed=0, top1=None, status="diverged",
+              error="non-finite loss nan at iteration 7")
+    write_run(runs, "unfinished", norm="bn", norm_batch=4, seed=0, top1=50.0)
+    (runs / "unfinished" / "summary.json").unlink()
+    return runs
+
+
+def test_collect_copies_records_only_and_files_them_by_experiment(sweep, tmp_path):
+    records = tmp_path / "records"
+    written = collect(sorted(sweep.iterdir()), records)
+    assert len(written) == 6 and not (records / "fmnist" / "unfinished").exists()
+    assert sorted(p.name for p in (records / "fmnist" / "bn-n2-s0").iterdir()) == \
+        ["config.yaml", "metrics.jsonl", "summary.json"]  # no checkpoints
+    with pytest.raises(ValueError, match="names no experiment"):
+        run = write_run(tmp_path / "other", "x", norm="bn", norm_batch=2, seed=0, top1=1.0, experiment=None)
+        collect([run], records)
+    assert collect([tmp_path / "other" / "x"], records, table="mine")[0] == records / "mine" / "x"
+
+
+def test_cells_aggregate_seeds_and_count_divergence(sweep, tmp_path):
+    collect(sorted(sweep.iterdir()), tmp_path / "records")
+    (records,) = load_tables(tmp_path / "records").values()
+    grid = {(c.norm, c.n): c for c in cells(records)}
+    assert list(grid) == [("bn", 1), ("bn", 2), ("bn", 32), ("mabn", 2)]
+    assert grid[("bn", 2)].values("top1_err") == [10.0, 9.0, 8.0]
+    assert grid[("bn", 1)].values("top1_err") == [] and len(grid[("bn", 1)].diverged) == 1
+
+
+def test_table_holds_exactly_the_aggregates_and_labelled_paper_numbers(sweep, tmp_path):
+    collect(sorted(sweep.iterdir()), tmp_path / "records")
+    records = load_tables(tmp_path / "records")["fmnist"]
+    text = render_table("fmnist", records)
+    ours = text.split("## This repository")[1].split("## Reported")[0]
+    assert "| bn | diverged (1/1) | 9.00 ± 1.00 (3) | 6.50 (1) |" in ours
+    assert "| mabn |  | 6.75 (1) |  |" in ours
+    # every number in our section is a record's aggregate, a count, or a header's n
+    allowed = {"9.00", "1.00", "3", "6.50", "6.75", "1", "2", "32"}
+    assert set(re.findall(r"\d+(?:\.\d+)?", ours)) <= allowed
+    paper = text.split("## Reported")[1]
+    assert "| bn | 2 | 9.00 ± 1.00 (3) | 3 | 35.22 | 34.7 |" in paper  # MABN README table; GN paper 100-65.3
+    assert "| mabn | 2 | 6.75 (1) | 1 | 23.67 |  |" in paper
+    assert MABN_IMAGENET.get("bn", 8) == "≈25.5" and MABN_IMAGENET.get("gn", 2) == ""
+    assert "CPU test (6)" in text and "abc123 (6)" in text and "`python train_imagenet.py bn-n2-s0`" in text
+    assert "seeds 0/1/2" in text and "2026-11-24T00:00:00+0000" in text
+
+
+def test_detection_table_shows_box_and_mask_ap(tmp_path):
+    runs = tmp_path / "runs"
+    for norm, box, mask in (("bn", 20.0, 18.0), ("mabn", 24.0, 21.5)):
+        write_run(runs, f"{norm}", task="detection", experiment="shapes", norm=norm, norm_batch=2, seed=0,
+                  bbox_AP=box, segm_AP=mask)
+    collect(sorted(runs.iterdir()), tmp_path / "records")
+    text = render_table("shapes", load_tables(tmp_path / "records")["shapes"])
+    assert "## This repository: box AP (higher is better)" in text and "| mabn | 24.00 (1) |" in text
+    assert "## This repository: mask AP" in text and "| bn | 18.00 (1) |" in text
+    assert "| mabn | 2 | 24.00 (1) | 21.50 (1) | 1 | 36.5 | 32.69 |" in text  # the paper's 2x from-scratch AP
+
+
+def test_mixed_tasks_in_one_table_are_refused(tmp_path):
+    records = [{"task": "classification", "norm": "bn", "norm_batch": 2},
+               {"task": "detection", "norm": "bn", "norm_batch": 2}]
+    with pytest.raises(ValueError, match="mix"):
+        render_table("x", records)
+
+
+def test_make_tables_writes_markdown_and_figures(sweep, tmp_path):
+    collect(sorted(sweep.iterdir()), tmp_path / "records")
+    (md,) = make_tables(tmp_path / "records", tmp_path / "out")
+    assert md == tmp_path / "out" / "fmnist.md"
+    for stem in ("fmnist_vs_n", "fmnist_curves"):
+        for ext in ("png", "svg"):
+            assert (tmp_path / "out" / "figures" / f"{stem}.{ext}").stat().st_size > 1000
+    assert "![fmnist_vs_n](figures/fmnist_vs_n.png)" in md.read_text()
+
+
+def test_script_collects_and_reports_bad_input(sweep, tmp_path):
+    def script(*args):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tables.py"), *map(str, args)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    empty = script("--records", tmp_path / "none", "--out", tmp_path / "out")
+    assert empty.returncode == 2 and "no records folder" in empty.stderr
+    out = script("--collect", *sorted(sweep.iterdir()), "--records", tmp_path / "rec", "--out", tmp_path / "out",
+                 "--no-plots")
+    assert out.returncode == 0, out.stderr
+    assert f"wrote {tmp_path / 'out' / 'fmnist.md'}" in out.stdout and not (tmp_path / "out" / "figures").exists()
