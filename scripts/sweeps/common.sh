@@ -1,0 +1,25 @@
+# Sourced by the sweep scripts: cluster settings from the environment or a git-ignored local file, and a
+# `sweep` function that prints the exact command it submits, then runs it (DRY_RUN=1: print only).
+#   SLURM_PARTITION, SLURM_ACCOUNT   -> hydra.launcher.partition / account (read by configs/launcher/slurm.yaml)
+#   SLURM_TIME_MIN                   -> launcher.timeout_min (per job; requeued at the limit)
+#   LAUNCHER=local                   -> run the cells one after another here instead of submitting them
+#   scripts/sweeps/local.env         -> sourced first when present (git-ignored; see local.env.example)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+[ -f scripts/sweeps/local.env ] && . scripts/sweeps/local.env
+PY=${PY:-.venv/bin/python}
+LAUNCHER=${LAUNCHER:-slurm}
+
+sweep() {  # sweep ENTRY_SCRIPT OVERRIDE... : one Hydra multirun, one job per cell
+  local entry=$1; shift
+  local cmd=("$PY" "$entry" -m "launcher=$LAUNCHER" "$@")
+  if [ "$LAUNCHER" = slurm ]; then
+    [ -n "${SLURM_TIME_MIN:-}" ] && cmd+=("launcher.timeout_min=$SLURM_TIME_MIN")
+    if [ -z "${SLURM_PARTITION:-}" ]; then
+      echo "note: SLURM_PARTITION is not set; the cluster's default partition is used" >&2
+    fi
+  fi
+  echo "+ ${SLURM_PARTITION:+SLURM_PARTITION=$SLURM_PARTITION }${SLURM_ACCOUNT:+SLURM_ACCOUNT=$SLURM_ACCOUNT }${cmd[*]}"
+  [ "${DRY_RUN:-0}" = 1 ] && return 0
+  SLURM_PARTITION=${SLURM_PARTITION:-} SLURM_ACCOUNT=${SLURM_ACCOUNT:-} "${cmd[@]}"
+}
