@@ -17,7 +17,7 @@ selfcheck: install  ## every registered norm on real Fashion-MNIST images (group
 	$(PY) -m mabn.selfcheck
 
 test: install lint  ## the whole test suite, 2 workers, one thread each (two cores oversubscribed crawl)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --timeout=1800 -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup --timeout=1800 -q
 
 lint: install
 	$(VENV)/bin/ruff check .

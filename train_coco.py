@@ -9,7 +9,6 @@ Orchestrates; computes nothing itself.
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,15 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from mabn import dist
 from mabn.config import ConfigError, normalize_batch_override, validate_detection
+from mabn.preemption import EXIT_PREEMPTED, StopSignals
 from mabn.records import RunRecorder, git_sha, hardware
 
-EXIT_PREEMPTED, EXIT_NONFINITE, EXIT_CONFIG = 143, 3, 2
-_STOP_SIGNAL: list[int] = []
+EXIT_NONFINITE, EXIT_CONFIG = 3, 2
 _COMMAND = " ".join(sys.argv)  # as typed, before the batch=N rewrite
-
-
-def _on_signal(signum, _frame):  # SLURM preemption / time limit: checkpoint after this step, then exit
-    _STOP_SIGNAL.append(signum)
 
 
 def _scaled_schedule(cfg: DictConfig, sgd_batch: int) -> tuple[float, dict]:
@@ -80,16 +75,20 @@ def _spawned_worker(cfg: DictConfig, experiment: str | None) -> None:
 
 
 def _worker(cfg: DictConfig, info: dist.DistInfo, experiment: str | None) -> int:
+    stops = StopSignals()
     try:
-        return run(cfg, info, experiment)
+        code = run(cfg, info, stops, experiment)
     except ConfigError as err:  # found while building (ImageNet weights of another norm)
         print(f"config error: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        code = EXIT_CONFIG
     finally:
         dist.cleanup()
+    if code == EXIT_PREEMPTED:
+        stops.hand_over()  # inside submitit: its handler requeues the job now that the checkpoint is written
+    return code
 
 
-def run(cfg: DictConfig, info: dist.DistInfo, experiment: str | None = None) -> int:
+def run(cfg: DictConfig, info: dist.DistInfo, stops: StopSignals, experiment: str | None = None) -> int:
     from mabn.d2 import data as d2data
     from mabn.d2 import engine
     from mabn.d2.model import build_mask_rcnn
@@ -138,11 +137,10 @@ def run(cfg: DictConfig, info: dist.DistInfo, experiment: str | None = None) -> 
                            config=OmegaConf.to_container(cfg, resolve=True), name=cfg.run.name)
 
     def stop_requested() -> bool:  # the same step on every rank
-        flag = torch.tensor([float(bool(_STOP_SIGNAL))], device=device)
+        flag = torch.tensor([float(stops.requested)], device=device)
         return bool(dist.all_reduce_sum(flag).item() > 0)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _on_signal)
+    stops.install()
     if info.is_main:
         print(f"run {run_dir}: norm={cfg.norm.name} {n} images/device x {info.world_size} = SGD batch "
               f"{sgd_batch}, lr {lr:g}, {schedule.max_iter} iterations, {hardware(device)}", flush=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import signal
 import sys
 import time
 from pathlib import Path
@@ -30,15 +29,11 @@ from mabn.models import build_model
 from mabn.norms import NormContext, batch_dependent_types, build_norm, center_conv_weights
 from mabn.optim import build_optimizer, lr_lambda
 from mabn.precise_bn import recompute_norm_stats
+from mabn.preemption import EXIT_PREEMPTED, StopSignals
 from mabn.records import RunRecorder, git_sha, hardware
 
-EXIT_PREEMPTED, EXIT_NONFINITE, EXIT_CONFIG = 143, 3, 2
-_STOP_SIGNAL: list[int] = []
+EXIT_NONFINITE, EXIT_CONFIG = 3, 2
 _COMMAND = " ".join(sys.argv)  # as typed, before the batch=N rewrite
-
-
-def _on_signal(signum, _frame):  # SLURM preemption / time limit: checkpoint at the next step, then exit
-    _STOP_SIGNAL.append(signum)
 
 
 def _amp(mode: str, device: torch.device):
@@ -82,19 +77,22 @@ def main(cfg: DictConfig) -> int:
         print(f"config error: {err}", file=sys.stderr)
         dist.cleanup()
         sys.exit(EXIT_CONFIG)
+    stops = StopSignals()
     try:
-        code = run(cfg, plan, info, HydraConfig.get().runtime.choices.get("experiment"))
+        code = run(cfg, plan, info, stops, HydraConfig.get().runtime.choices.get("experiment"))
     except ConfigError as err:  # found while resuming (a checkpoint from another config)
         print(f"config error: {err}", file=sys.stderr)
         code = EXIT_CONFIG
     finally:
         dist.cleanup()
+    if code == EXIT_PREEMPTED:
+        stops.hand_over()  # inside submitit: its handler requeues the job now that the checkpoint is written
     if code:
         sys.exit(code)
     return 0
 
 
-def run(cfg: DictConfig, plan, info: dist.DistInfo, experiment: str | None = None) -> int:
+def run(cfg: DictConfig, plan, info: dist.DistInfo, stops: StopSignals, experiment: str | None = None) -> int:
     started, sha = time.time(), git_sha()  # the code this process runs, read before anything can change it
     torch.manual_seed(cfg.seed + info.rank)
     run_dir = Path(cfg.run.dir)
@@ -177,8 +175,7 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo, experiment: str | None = Non
         precise_loader, _, _ = build_loaders(train_ds, val_ds, batch_size=plan.device_batch, workers=cfg.data.workers,
                                              rank=info.rank, world_size=info.world_size, seed=cfg.seed + 7919,
                                              pin_memory=device.type == "cuda")
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _on_signal)
+    stops.install()
     tracer, every = None, cfg.diag.every
     if cfg.diag.batch_stats:  # off: not a single hook is registered
         tracer = BatchStatsTracer(model, run_dir / "diag_batch_stats.jsonl", enabled=info.is_main)
@@ -204,7 +201,7 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo, experiment: str | None = Non
         progress(it, total_iters, metrics)
         if tracer is not None:
             tracer.arm((it + 1) % every == 0, it + 1)
-        stop = torch.tensor([float(bool(_STOP_SIGNAL))])
+        stop = torch.tensor([float(stops.requested)])
         if info.world_size > 1:  # all ranks must stop at the same step
             stop = dist.all_reduce_sum(stop.to(device)).cpu()
         requested = stop_after is not None and iters_this_process >= stop_after
@@ -232,11 +229,11 @@ def run(cfg: DictConfig, plan, info: dist.DistInfo, experiment: str | None = Non
                                         first_iter=state["iter"], num_iters=ipe - state["iter_in_epoch"],
                                         on_step=on_step)
                 if stats["stopped"]:
-                    why = f"signal {_STOP_SIGNAL[0]}" if _STOP_SIGNAL else "train.stop_after_iters"
+                    why = stops.describe() if stops.requested else "train.stop_after_iters"
                     if info.is_main:
                         print(f"stopped by {why} at iteration {state['iter']}; checkpoint {last}", flush=True)
                     recorder.close()
-                    return EXIT_PREEMPTED if _STOP_SIGNAL else 0
+                    return EXIT_PREEMPTED if stops.requested else 0
             metrics = evaluate(net, val_loader, criterion, ctx, cfg.train.eval_max_batches)
             if precise_batches:  # the same weights with recomputed statistics, on a copy: training is untouched
                 recomputed = copy.deepcopy(model)

@@ -1,0 +1,52 @@
+"""Preemption and time limits: a signal asks for a checkpoint at the next step, then the job ends or requeues.
+
+Outside submitit (torchrun, plain ``srun``/``sbatch``, a terminal) SIGTERM and SIGUSR1 stop the run after a
+checkpoint with exit code 143; scripts/sbatch/train.sbatch then requeues the job. Inside a submitit job
+(hydra-submitit-launcher) submitit owns the signals: it ignores SIGTERM on purpose and requeues on its
+preemption signal (SUBMITIT_PREEMPT_SIGNAL, USR2 by default) by resubmitting the same Hydra job. Here that
+signal is caught first, the run checkpoints at the next step, and only then is the signal handed to
+submitit's handler, so the requeued job resumes from a checkpoint written a step ago.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers and shells read as "terminated"
+
+
+class StopSignals:
+    """Installs the handlers; ``requested`` is polled once per step, ``hand_over`` runs after the checkpoint."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._chained: dict[int, object] = {}
+
+    def install(self) -> StopSignals:
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+            self._chained[sig] = signal.getsignal(sig)  # submitit's checkpoint-and-requeue handler
+            signals = [sig]
+        else:
+            signals = [signal.SIGTERM, signal.SIGUSR1]
+        for sig in signals:
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, _frame) -> None:  # only records: the training loop checkpoints at a step edge
+        self.received.append(signum)
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.received)
+
+    def describe(self) -> str:
+        return f"signal {signal.Signals(self.received[0]).name}" if self.received else "no signal"
+
+    def hand_over(self) -> None:
+        """After the checkpoint: let submitit requeue the job (its handler exits the process)."""
+        for signum in self.received:
+            handler = self._chained.get(signum)
+            if callable(handler):
+                handler(signum, None)
