@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mabn import dist
 from mabn.config import ConfigError, normalize_batch_override, validate_detection
-from mabn.preemption import EXIT_PREEMPTED, StopSignals
+from mabn.preemption import EXIT_PREEMPTED, StopSignals, end_job
 from mabn.records import RunRecorder, git_sha, hardware
 
 EXIT_NONFINITE, EXIT_CONFIG = 3, 2
@@ -50,7 +50,7 @@ def main(cfg: DictConfig) -> int:
         validate_detection(cfg, world, "cuda" if use_cuda else "cpu")
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+        return end_job(EXIT_CONFIG)
     if ranks_from_env:  # torchrun or SLURM started one process per device
         from mabn.d2 import engine
 
@@ -63,9 +63,7 @@ def main(cfg: DictConfig) -> int:
         code = engine.launch(_spawned_worker, world, args=(cfg, experiment))
     else:
         code = _worker(cfg, dist.init_distributed(cfg.train.device), experiment)
-    if code:
-        sys.exit(code)
-    return 0
+    return end_job(code)
 
 
 def _spawned_worker(cfg: DictConfig, experiment: str | None) -> None:

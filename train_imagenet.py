@@ -29,7 +29,7 @@ from mabn.models import build_model
 from mabn.norms import NormContext, batch_dependent_types, build_norm, center_conv_weights
 from mabn.optim import build_optimizer, lr_lambda
 from mabn.precise_bn import recompute_norm_stats
-from mabn.preemption import EXIT_PREEMPTED, StopSignals
+from mabn.preemption import EXIT_PREEMPTED, StopSignals, end_job
 from mabn.records import RunRecorder, git_sha, hardware
 
 EXIT_NONFINITE, EXIT_CONFIG = 3, 2
@@ -76,7 +76,7 @@ def main(cfg: DictConfig) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         dist.cleanup()
-        sys.exit(EXIT_CONFIG)
+        return end_job(EXIT_CONFIG)
     stops = StopSignals()
     try:
         code = run(cfg, plan, info, stops, HydraConfig.get().runtime.choices.get("experiment"))
@@ -87,9 +87,7 @@ def main(cfg: DictConfig) -> int:
         dist.cleanup()
     if code == EXIT_PREEMPTED:
         stops.hand_over()  # inside submitit: its handler requeues the job now that the checkpoint is written
-    if code:
-        sys.exit(code)
-    return 0
+    return end_job(code)
 
 
 def run(cfg: DictConfig, plan, info: dist.DistInfo, stops: StopSignals, experiment: str | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers and shells read as "terminated"
 
@@ -50,3 +51,18 @@ class StopSignals:
             handler = self._chained.get(signum)
             if callable(handler):
                 handler(signum, None)
+
+
+def end_job(code: int) -> int:
+    """Exit with a failing run's code, except inside a Hydra multirun: there the basic (local) launcher runs
+    every cell in this one process, so a diverged or misconfigured cell is reported and the sweep goes on
+    (its summary.json says what happened; submitit jobs are separate processes either way)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if code and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        print(f"this sweep cell ended with exit code {code}; the sweep goes on", file=sys.stderr, flush=True)
+        return code
+    if code:
+        sys.exit(code)
+    return 0

@@ -167,6 +167,15 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root
     assert f"at iteration {bad}" in summary["error"] and summary["norm"] == "bn" and summary["norm_batch"] == 4
 
 
+def test_local_multirun_goes_on_after_a_diverged_cell(tmp_path, data_root):
+    out = train(["norm=bn", "batch=4", "optim.lr=1e30", "epochs=1", "seed=0,1"], tmp_path, data_root,
+                base=["-m", *TINY])
+    assert out.stderr.count("this sweep cell ended with exit code 3") == 2
+    for seed in (0, 1):
+        (d,) = Path(tmp_path).glob(f"fmnist-*-s{seed}")
+        assert json.loads((d / "summary.json").read_text())["status"] == "diverged"
+
+
 def test_precise_bn_evaluation_is_recorded(tmp_path, data_root):
     out = train(["norm=mabn", "batch=2", "epochs=1", "train.precise_bn_batches=2"], tmp_path, data_root)
     assert "recomputed statistics: top1" in out.stdout
