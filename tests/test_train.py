@@ -176,6 +176,15 @@ def test_local_multirun_goes_on_after_a_diverged_cell(tmp_path, data_root):
         assert json.loads((d / "summary.json").read_text())["status"] == "diverged"
 
 
+def test_joblib_launcher_runs_cells_in_parallel_processes(tmp_path, data_root):
+    out = train(["norm=bn,mabn", "batch=2", "epochs=1", "launcher=joblib", "launcher.n_jobs=2"], tmp_path, data_root,
+                base=["-m", *TINY])
+    assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
+    for norm in ("bn", "mabn"):
+        (d,) = Path(tmp_path).glob(f"fmnist-*-{norm}-n2-*")
+        assert json.loads((d / "summary.json").read_text())["status"] == "finished"
+
+
 def test_precise_bn_evaluation_is_recorded(tmp_path, data_root):
     out = train(["norm=mabn", "batch=2", "epochs=1", "train.precise_bn_batches=2"], tmp_path, data_root)
     assert "recomputed statistics: top1" in out.stdout

@@ -3,6 +3,7 @@
 #   SLURM_PARTITION, SLURM_ACCOUNT   -> hydra.launcher.partition / account (read by configs/launcher/slurm.yaml)
 #   SLURM_TIME_MIN                   -> launcher.timeout_min (per job; requeued at the limit)
 #   LAUNCHER=local                   -> run the cells one after another here instead of submitting them
+#   LAUNCHER=joblib JOBS=8           -> run 8 cells at a time here (small runs sharing one GPU)
 #   scripts/sweeps/local.env         -> sourced first when present (git-ignored; see local.env.example)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -13,6 +14,7 @@ LAUNCHER=${LAUNCHER:-slurm}
 sweep() {  # sweep ENTRY_SCRIPT OVERRIDE... : one Hydra multirun, one job per cell
   local entry=$1; shift
   local cmd=("$PY" "$entry" -m "launcher=$LAUNCHER" "$@")
+  [ "$LAUNCHER" = joblib ] && cmd+=("launcher.n_jobs=${JOBS:-4}")
   if [ "$LAUNCHER" = slurm ]; then
     [ -n "${SLURM_TIME_MIN:-}" ] && cmd+=("launcher.timeout_min=$SLURM_TIME_MIN")
     if [ -z "${SLURM_PARTITION:-}" ]; then
