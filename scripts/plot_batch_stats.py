@@ -71,8 +71,12 @@ def plot(runs: list[dict], out: Path) -> None:
         mine = sorted((r for r in runs if r["norm"] == norm), key=lambda r: r["n"])
         for ax, key in zip(axes, STATS, strict=True):
             ax.plot([r["n"] for r in mine], [r[key] for r in mine], marker="o", label=norm)
+    ns = sorted({r["n"] for r in runs})
     for ax, (key, title) in zip(axes, STATS.items(), strict=True):
-        ax.set(title=title, xlabel="normalization batch n", xscale="log", yscale="log", ylabel=key)
+        ax.set(title=title, xlabel="normalization batch n", yscale="log", ylabel=key)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])  # label the batches run, not log-scale minor ticks
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("Deviation of the batch statistics from their population values (median over steps, layers)")
