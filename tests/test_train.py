@@ -92,7 +92,7 @@ def test_sigterm_checkpoints_and_exits(tmp_path, data_root):
            "epochs=1000", "train.max_iters_per_epoch=null"]
     code, stdout, stderr = sigterm_once(cmd, env, Path(tmp_path), "*/metrics.jsonl", timeout=120)
     assert code == 143, stderr[-3000:]
-    assert "stopped by signal 15" in stdout
+    assert "stopped by signal SIGTERM" in stdout
     state = torch.load(run_dir(tmp_path) / "checkpoints" / "last.pt", weights_only=False)["state"]
     assert state["iter"] >= 1
 

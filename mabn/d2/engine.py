@@ -148,9 +148,9 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, train_loade
     except StopTraining as stop:
         return FitResult("stopped", f"stopped by {stop.reason}; checkpoint in {ckpt_dir}", stop.exit_code,
                          start_iter, clock.elapsed())
-    except FloatingPointError as err:  # detectron2's non-finite loss check names the iteration
-        return FitResult("nonfinite", f"{err}; the last good checkpoint in {ckpt_dir} is kept", nonfinite_code,
-                         start_iter, clock.elapsed())
+    except FloatingPointError as err:  # detectron2's loss check, or its RPN's "boxes contain Inf/NaN" (no iteration)
+        return FitResult("nonfinite", f"training diverged at iteration {trainer.iter}: {err}; the last good "
+                         f"checkpoint in {ckpt_dir} is kept", nonfinite_code, start_iter, clock.elapsed())
     return FitResult("finished", "", 0, start_iter, clock.elapsed(), dict(last_eval))
 
 
