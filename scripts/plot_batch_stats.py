@@ -38,8 +38,8 @@ def load_run(run_dir: Path) -> dict:
             per_layer[(rec["depth"], rec["layer"])][key].append(rec[key])
     layers = [{"depth": d, "layer": name, **{k: statistics.median(v) for k, v in vals.items()}}
               for (d, name), vals in sorted(per_layer.items())]
-    return {"run": str(run_dir), "norm": str(cfg.norm.name), "n": int(cfg.batch.norm_batch),
-            "seed": int(cfg.seed), "layers": layers,
+    return {"run": str(run_dir), "norm": str(cfg.norm.name), "model": str(cfg.model.name),
+            "n": int(cfg.batch.norm_batch), "seed": int(cfg.seed), "layers": layers,
             **{k: statistics.median(layer[k] for layer in layers) for k in STATS}}
 
 
@@ -52,11 +52,14 @@ def main(argv=None) -> int:
         runs = [load_run(r) for r in args.runs]
     except FileNotFoundError as err:
         parser.error(str(err))
+    several_models = len({r["model"] for r in runs}) > 1  # e.g. XBNBlock beside plain ResNets: own curves
+    for r in runs:
+        r["series"] = f"{r['norm']} {r['model']}" if several_models else r["norm"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "batch_stats.json").write_text(json.dumps(runs, indent=1) + "\n")
     plot(runs, args.out)
-    for r in sorted(runs, key=lambda r: (r["norm"], r["n"])):
-        print(f"{r['norm']:>6} n={r['n']:<3} " + "  ".join(f"{k} {r[k]:.4f}" for k in STATS))
+    for r in sorted(runs, key=lambda r: (r["series"], r["n"])):
+        print(f"{r['series']:>6} n={r['n']:<3} " + "  ".join(f"{k} {r[k]:.4f}" for k in STATS))
     return 0
 
 
@@ -67,10 +70,10 @@ def plot(runs: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for norm in sorted({r["norm"] for r in runs}):
-        mine = sorted((r for r in runs if r["norm"] == norm), key=lambda r: r["n"])
+    for series in sorted({r["series"] for r in runs}):
+        mine = sorted((r for r in runs if r["series"] == series), key=lambda r: r["n"])
         for ax, key in zip(axes, STATS, strict=True):
-            ax.plot([r["n"] for r in mine], [r[key] for r in mine], marker="o", label=norm)
+            ax.plot([r["n"] for r in mine], [r[key] for r in mine], marker="o", label=series)
     ns = sorted({r["n"] for r in runs})
     for ax, (key, title) in zip(axes, STATS.items(), strict=True):
         ax.set(title=title, xlabel="normalization batch n", yscale="log", ylabel=key)
@@ -82,9 +85,9 @@ def plot(runs: list[dict], out: Path) -> None:
     fig.suptitle("Deviation of the batch statistics from their population values (median over steps, layers)")
     fig.tight_layout()
     _save(fig, out / "batch_stats_vs_n")
-    for norm in sorted({r["norm"] for r in runs}):
+    for series in sorted({r["series"] for r in runs}):
         fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-        for r in sorted((r for r in runs if r["norm"] == norm), key=lambda r: r["n"]):
+        for r in sorted((r for r in runs if r["series"] == series), key=lambda r: r["n"]):
             for ax, key in zip(axes, STATS, strict=True):
                 ax.plot([x["depth"] for x in r["layers"]], [x[key] for x in r["layers"]], marker=".",
                         label=f"n={r['n']}")
@@ -92,9 +95,9 @@ def plot(runs: list[dict], out: Path) -> None:
             ax.set(title=title, xlabel="norm layer (depth)", yscale="log", ylabel=key)
             ax.grid(alpha=0.3)
         axes[0].legend()
-        fig.suptitle(f"{norm}: batch-statistics deviation per layer")
+        fig.suptitle(f"{series}: batch-statistics deviation per layer")
         fig.tight_layout()
-        _save(fig, out / f"batch_stats_by_layer_{norm}")
+        _save(fig, out / f"batch_stats_by_layer_{series.replace(' ', '_')}")
 
 
 def _save(fig, stem: Path) -> None:

@@ -154,10 +154,12 @@ def test_training_with_the_tracer_writes_every_layer_at_the_traced_steps(tmp_pat
 
 def test_plot_batch_stats_medians_and_figures(tmp_path):
     runs = []
-    for norm, n, scale in (("bn", 2, 4.0), ("bn", 32, 1.0), ("mabn", 2, 2.0)):
-        run = tmp_path / f"{norm}-{n}"
+    for norm, n, scale, model in (("bn", 2, 4.0, "cifar_resnet20"), ("bn", 32, 1.0, "cifar_resnet20"),
+                                  ("mabn", 2, 2.0, "cifar_resnet20"), ("bn", 2, 3.0, "cifar_resnet20_xbn")):
+        run = tmp_path / f"{norm}-{n}-{model}"
         (run / "hydra").mkdir(parents=True)
-        (run / "hydra" / "config.yaml").write_text(f"norm:\n  name: {norm}\nbatch:\n  norm_batch: {n}\nseed: 0\n")
+        (run / "hydra" / "config.yaml").write_text(
+            f"norm:\n  name: {norm}\nbatch:\n  norm_batch: {n}\nmodel:\n  name: {model}\nseed: 0\n")
         lines = [{"iter": it, "layer": f"l{d}", "depth": d, "mu_dev": scale * it, "var_dev": scale,
                   "g_dev": scale * d, "psi_dev": 1.0} for it in (1, 2, 3) for d in (0, 1)]
         (run / "diag_batch_stats.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -165,10 +167,12 @@ def test_plot_batch_stats_medians_and_figures(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), *runs, "--out",
                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    table = {(r["norm"], r["n"]): r for r in json.loads((tmp_path / "out" / "batch_stats.json").read_text())}
-    assert table[("bn", 2)]["mu_dev"] == 8.0 and table[("bn", 32)]["var_dev"] == 1.0  # medians over steps, layers
-    assert table[("bn", 2)]["layers"][1]["g_dev"] == 4.0
-    for name in ("batch_stats_vs_n", "batch_stats_by_layer_bn", "batch_stats_by_layer_mabn"):
+    table = {(r["series"], r["n"]): r for r in json.loads((tmp_path / "out" / "batch_stats.json").read_text())}
+    bn, xbn = "bn cifar_resnet20", "bn cifar_resnet20_xbn"  # two models: each norm x model is its own curve
+    assert table[(bn, 2)]["mu_dev"] == 8.0 and table[(bn, 32)]["var_dev"] == 1.0  # medians over steps, layers
+    assert table[(bn, 2)]["layers"][1]["g_dev"] == 4.0 and table[(xbn, 2)]["mu_dev"] == 6.0
+    for name in ("batch_stats_vs_n", "batch_stats_by_layer_bn_cifar_resnet20", "batch_stats_by_layer_mabn_cifar_resnet20",
+                 "batch_stats_by_layer_bn_cifar_resnet20_xbn"):
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 1000 and (tmp_path / "out" / f"{name}.svg").exists()
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=120)

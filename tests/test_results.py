@@ -95,6 +95,16 @@ def test_detection_table_shows_box_and_mask_ap(tmp_path):
     assert "| mabn | 2 | 24.00 (1) | 21.50 (1) | 1 | 36.5 | 32.69 |" in text  # the paper's 2x from-scratch AP
 
 
+def test_another_model_is_another_row_not_another_seed(sweep, tmp_path):
+    write_run(sweep, "xbn-bn-n2-s0", norm="bn", norm_batch=2, seed=0, top1=95.0, model="cifar_resnet20_xbn")
+    collect(sorted(sweep.iterdir()), tmp_path / "records")
+    text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+    assert "| bn (cifar_resnet20) | diverged (1/1) | 9.00 ± 1.00 (3) | 6.50 (1) |" in text
+    assert "| bn (cifar_resnet20_xbn) |  | 5.00 (1) |  |" in text
+    assert "| bn (cifar_resnet20_xbn) | 2 | 5.00 (1) | 1 |  |  |" in text  # the papers' bn is not XBNBlock
+    assert "| bn (cifar_resnet20) | 2 | 9.00 ± 1.00 (3) | 3 | 35.22 | 34.7 |" in text
+
+
 def test_mixed_tasks_in_one_table_are_refused(tmp_path):
     records = [{"task": "classification", "norm": "bn", "norm_batch": 2},
                {"task": "detection", "norm": "bn", "norm_batch": 2}]
