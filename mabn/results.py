@@ -185,9 +185,12 @@ def render_table(table: str, records: list[dict], figures: list[str] = ()) -> st
         mixed = "xbn" in str(c.runs[0].get("model"))
         out.append(f"| {c.label} | {c.n} | " + " | ".join(ours) + f" | {len(c.runs)} | "
                    + " | ".join("" if mixed else r.get(c.norm, c.n) for r in reported) + " |")
-    out += ["", "≈: read off the paper's figure. Papers: Yan et al. 2020 (MABN, official README); Wu & He 2018 "
-            "(GN). MABN's ImageNet n is simulated inside 32-image device batches at SGD batch 256; GN's n is images "
-            "per GPU.", "", "## Provenance", ""]
+    sources = ("≈: read off the paper's figure. Papers: Yan et al. 2020 (MABN, official README); Wu & He 2018 "
+               "(GN). MABN's ImageNet n is simulated inside 32-image device batches at SGD batch 256; GN's n is "
+               "images per GPU." if task == "classification" else
+               "Paper: Yan et al. 2020 (MABN, official README), COCO, Mask R-CNN R50-FPN, 2x (180k iterations) "
+               "at 8 GPUs x 2 images.")
+    out += ["", sources, "", "## Provenance", ""]
     out += _provenance(records)
     if figures:
         out += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
