@@ -65,6 +65,27 @@ def test_experiments_compose():
     assert imnet.optim.base_lr == 0.1 and imnet.optim.base_batch == 256 and imnet.optim.label_smoothing == 0.1
 
 
+def test_norm_presets_apply_per_experiment_and_yield_to_the_command_line():
+    assert compose_cfg("experiment=fmnist", "norm=brn").norm.schedule_ref_iters == 50000
+    assert compose_cfg("experiment=fmnist", "norm=brn", "norm.schedule_ref_iters=7").norm.schedule_ref_iters == 7
+    assert compose_cfg("norm=brn").norm.schedule_ref_iters is None  # no experiment: Ioffe's absolute steps
+    assert "schedule_ref_iters" not in compose_cfg("experiment=fmnist", "norm=bn").norm  # brn's preset only
+    cpu = compose_cfg("experiment=fmnist_cpu", "norm=brn", "batch=2")
+    assert cpu.norm.schedule_ref_iters == 50000 and cpu.model.name == "cifar_resnet8"
+    # 1250 iterations scaled from Ioffe's 5k / 40k / 25k steps at a 50k-step reference
+    layer = build_norm(OmegaConf.to_container(cpu.norm), NormContext(norm_batch=2, device_batch=32,
+                                                                       total_iters=1250)).ctor(8)
+    assert (layer.warmup_iters, layer.r_max_iters, layer.d_max_iters) == (125 * 16, 1000 * 16, 625 * 16)
+
+
+def test_cifar_resnet8_is_depth_8():
+    recipe = build_norm("bn")
+    assert sum(1 for m in build_model("cifar_resnet8", recipe.ctor, num_classes=10, in_channels=1).modules()
+               if isinstance(m, torch.nn.Conv2d)) == 1 + 3 * 2 + 2  # stem, 3 blocks of 2, 2 projections
+    with pytest.raises(ValueError, match="cifar_resnet8 has depth 8, got model.depth=20"):
+        build_model("cifar_resnet8", recipe.ctor, num_classes=10, in_channels=1, depth=20)
+
+
 def test_slurm_launcher_composes():
     cfg = compose_cfg("launcher=slurm", return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")

@@ -65,6 +65,15 @@ def _cifar_resnet(norm_ctor, *, num_classes, in_channels, depth=20, width=16, ze
                        zero_init_residual=zero_init_residual)
 
 
+@register_model("cifar_resnet8")
+def _cifar_resnet8(norm_ctor, *, depth=8, **options):
+    """ResNet-8 (one basic block per stage): the CPU-budget model of experiment=fmnist_cpu."""
+    if depth != 8:
+        raise ValueError(f"model cifar_resnet8 has depth 8, got model.depth={depth}; use model=cifar_resnet20 "
+                         f"with model.depth={depth} for other depths")
+    return _cifar_resnet(norm_ctor, depth=8, **options)
+
+
 def _xbnblock(base: str):
     """``base`` with XBNBlock's batch-free norm: GroupNorm of 64 groups (capped at the channels), as the
     official code; ``xbn_positions`` chooses other positions for the ablations."""

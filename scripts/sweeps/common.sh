@@ -3,7 +3,8 @@
 #   SLURM_PARTITION, SLURM_ACCOUNT   -> hydra.launcher.partition / account (read by configs/launcher/slurm.yaml)
 #   SLURM_TIME_MIN                   -> launcher.timeout_min (per job; requeued at the limit)
 #   LAUNCHER=local                   -> run the cells one after another here instead of submitting them
-#   LAUNCHER=joblib JOBS=8           -> run 8 cells at a time here (small runs sharing one GPU)
+#   LAUNCHER=joblib JOBS=8           -> run 8 cells at a time here (small runs sharing one GPU); unless
+#                                       OMP_NUM_THREADS is set, each cell gets CPUs / JOBS threads
 #   scripts/sweeps/local.env         -> sourced first when present (git-ignored; see local.env.example)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -14,7 +15,12 @@ LAUNCHER=${LAUNCHER:-slurm}
 sweep() {  # sweep ENTRY_SCRIPT OVERRIDE... : one Hydra multirun, one job per cell
   local entry=$1; shift
   local cmd=("$PY" "$entry" -m "launcher=$LAUNCHER" "$@")
-  [ "$LAUNCHER" = joblib ] && cmd+=("launcher.n_jobs=${JOBS:-4}")
+  if [ "$LAUNCHER" = joblib ]; then
+    cmd+=("launcher.n_jobs=${JOBS:-4}")
+    # cells share the CPUs: without this each would start one thread per core and they would thrash
+    local cpus; cpus=$(getconf _NPROCESSORS_ONLN)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / ${JOBS:-4} > 0 ? cpus / ${JOBS:-4} : 1 ))}
+  fi
   if [ "$LAUNCHER" = slurm ]; then
     [ -n "${SLURM_TIME_MIN:-}" ] && cmd+=("launcher.timeout_min=$SLURM_TIME_MIN")
     if [ -z "${SLURM_PARTITION:-}" ]; then
