@@ -58,6 +58,41 @@ def stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+def per_sample(stat: Tensor, x: Tensor) -> Tensor:
+    """(G, C) per-group values -> (N, C, 1, ...) broadcastable against x (groups are consecutive samples)."""
+    n = x.shape[0] // stat.shape[0]
+    return stat.repeat_interleave(n, dim=0).view(*x.shape[:2], *([1] * (x.dim() - 2)))
+
+
+def group_sum(per_sample_values: Tensor, groups: int) -> Tensor:
+    """(N, C) per-sample values -> (G, C) sums over each group's consecutive samples."""
+    return per_sample_values.view(groups, -1, per_sample_values.shape[1]).sum(dim=1)
+
+
+def spatial_sum(x: Tensor) -> Tensor:
+    """(N, C, *) -> (N, C): the sum over the spatial positions."""
+    if x.dim() == 2:
+        return x
+    return x.flatten(2).sum(dim=-1) if x.is_contiguous() else x.sum(dim=tuple(range(2, x.dim())))
+
+
+def spatial_sum_sq(x: Tensor) -> Tensor:
+    """(N, C, *) -> (N, C): the sum of squares over the spatial positions, one fused reduction (no x² temporary)."""
+    if x.dim() == 2:
+        return x * x
+    flat = x.flatten(2) if x.is_contiguous() else x  # contiguous: one reduction over the last dim
+    return torch.linalg.vector_norm(flat, dim=-1 if flat.dim() == 3 else tuple(range(2, x.dim()))).square()
+
+
+def spatial_dot(a: Tensor, b: Tensor) -> Tensor:
+    """(N, C, *) x2 -> (N, C): the sum over the spatial positions of a·b."""
+    if a.dim() == 2:
+        return a * b
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.linalg.vecdot(a.flatten(2), b.flatten(2))
+    return (a * b).sum(dim=tuple(range(2, a.dim())))
+
+
 def ema_weights(momentum: float, groups: int, device, dtype) -> tuple[Tensor, Tensor]:
     """Closed form of ``groups`` sequential EMA steps ``v <- (1-a) v + a s_g``.
 

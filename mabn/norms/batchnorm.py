@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._centred import centred_norm
 from ._common import (
     check_group_size,
     check_input,
@@ -52,21 +52,18 @@ class BatchNorm2d(nn.BatchNorm2d):
         return self._grouped_forward(x, groups, n)
 
     def _grouped_forward(self, x: Tensor, groups: int, n: int) -> Tensor:
-        # Fold the G groups into the channel axis: (G·n, C, ...) -> (n, G·C, ...), so one native batch-norm
-        # call normalizes each (group, channel) pair over its own n samples.
-        c, spatial = self.num_features, x.shape[2:]
-        xg = x.reshape(groups, n, c, *spatial).transpose(0, 1).reshape(n, groups * c, *spatial)
-        w = self.weight.repeat(groups) if self.affine else None
-        b = self.bias.repeat(groups) if self.affine else None
-        y = F.batch_norm(xg, None, None, w, b, True, 0.0, self.eps)
-        y = y.reshape(n, groups, c, *spatial).transpose(0, 1).reshape(x.shape)
+        # Each group of n consecutive samples is normalized by its own statistics in one call (closed-form
+        # backward, see _centred.py); the running statistics take the G group updates in order.
+        ones = None if self.affine else torch.ones(self.num_features, device=x.device, dtype=stat_dtype(x))
+        weight = self.weight if self.affine else ones
+        bias = self.bias if self.affine else torch.zeros_like(ones)
+        y, mean, var = centred_norm(x, weight, bias, groups, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
-                dt = stat_dtype(x)
-                xf = x.detach().reshape(groups, n, c, -1).to(dt)
-                var, mean = torch.var_mean(xf, dim=(1, 3), correction=1)
+                count = n * x[0, 0].numel()
+                dt = mean.dtype
                 _, new_mean = sequential_ema(self.running_mean.to(dt), mean, self.momentum)
-                _, new_var = sequential_ema(self.running_var.to(dt), var, self.momentum)
+                _, new_var = sequential_ema(self.running_var.to(dt), var * (count / (count - 1)), self.momentum)
                 self.running_mean.copy_(new_mean)
                 self.running_var.copy_(new_var)
                 self.num_batches_tracked.add_(groups)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._centred import centred_norm
 from ._common import (
     check_group_size,
     check_input,
@@ -79,28 +80,24 @@ class BatchRenorm2d(nn.Module):
             shift = self.bias - self.running_mean * scale
             return (x.to(dt) * scale.view(shape).to(dt) + shift.view(shape).to(dt)).to(x.dtype)
         groups, n = num_groups(x.shape[0], self.group_size)
-        c = self.num_features
-        xg = x.to(dt).reshape(groups, n, c, -1)
-        count = n * xg.shape[-1]
+        count = n * x[0, 0].numel()
         if count < 2:
             raise ValueError(f"BatchRenorm2d needs more than 1 value per channel in a normalization batch, "
                              f"got a group of {n} sample(s) of spatial size {tuple(x.shape[2:])}")
-        var_b, mean_b = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)  # (G, 1, C, 1)
-        std_b = torch.sqrt(var_b + self.eps)
-        with torch.no_grad():
-            mean_d = mean_b.detach().view(groups, c)
-            unbiased = var_b.detach().view(groups, c) * (count / (count - 1))
-            # running statistics as each group sees them (sequential contract), and after the last group
-            mu_seq, mu_end = sequential_ema(self.running_mean.to(dt), mean_d, self.momentum)
-            var_seq, var_end = sequential_ema(self.running_var.to(dt), unbiased, self.momentum)
+
+        def renorm(mean_b: Tensor, var_b: Tensor) -> tuple[Tensor, Tensor]:
+            # r, d from the running statistics as each group sees them (sequential contract); the running
+            # statistics then take the G group updates in order
+            mu_seq, mu_end = sequential_ema(self.running_mean.to(dt), mean_b, self.momentum)
+            var_seq, var_end = sequential_ema(self.running_var.to(dt), var_b * (count / (count - 1)), self.momentum)
             sigma = torch.sqrt(var_seq + self.eps)
             t = self.num_batches_tracked + 1 + torch.arange(groups, device=x.device)
             r_max, d_max = (lim.to(dt).view(groups, 1) for lim in self.clip_limits(t))
-            r = torch.minimum(torch.maximum(std_b.detach().view(groups, c) / sigma, 1.0 / r_max), r_max)
-            d = torch.minimum(torch.maximum((mean_d - mu_seq) / sigma, -d_max), d_max)
+            r = torch.minimum(torch.maximum(torch.sqrt(var_b + self.eps) / sigma, 1.0 / r_max), r_max)
+            d = torch.minimum(torch.maximum((mean_b - mu_seq) / sigma, -d_max), d_max)
             self.running_mean.copy_(mu_end)
             self.running_var.copy_(var_end)
             self.num_batches_tracked.add_(groups)
-        xhat = (xg - mean_b) / std_b * r.view(groups, 1, c, 1) + d.view(groups, 1, c, 1)
-        y = xhat.reshape(x.shape) * self.weight.view(shape).to(dt) + self.bias.view(shape).to(dt)
-        return y.to(x.dtype)
+            return r, d
+
+        return centred_norm(x, self.weight, self.bias, groups, self.eps, renorm)[0]

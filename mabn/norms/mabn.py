@@ -12,8 +12,12 @@ from ._common import (
     check_momentum,
     check_positive,
     empty_forward,
+    group_sum,
     num_groups,
+    per_sample,
     sequential_ema,
+    spatial_dot,
+    spatial_sum_sq,
     stat_dtype,
 )
 
@@ -33,18 +37,6 @@ def _window_means(ring: Tensor, t0: Tensor, new: Tensor, window: int) -> tuple[T
     return sma, seq[-window:], (t0 + groups - window + 1 + steps) % window
 
 
-def _per_sample(stat: Tensor, x: Tensor) -> Tensor:
-    """(G, C) per-group values -> (N, C, 1, ...) broadcastable against x (groups are consecutive samples)."""
-    n = x.shape[0] // stat.shape[0]
-    return stat.repeat_interleave(n, dim=0).view(*x.shape[:2], *([1] * (x.dim() - 2)))
-
-
-def _group_mean(t: Tensor, groups: int) -> Tensor:
-    """Mean over each group's samples and every spatial position: (N, C, ...) -> (G, C)."""
-    per_sample = t.flatten(2).mean(dim=-1) if t.dim() > 2 else t
-    return per_sample.view(groups, -1, t.shape[1]).mean(dim=1)
-
-
 class _MABNNormalize(torch.autograd.Function):
     """y = γ·r·x/√(χ̄²+ε) + β per group, with MABN's backward through the moving average of Ψ.
 
@@ -52,14 +44,18 @@ class _MABNNormalize(torch.autograd.Function):
     Ψ = mean(ĝ·z) by its SMA over the last ``window`` normalization batches (paper Sec. 4.2) once past
     warm-up, and writes the current Ψ into ``ring_gz``. With Ψ of the current batch the result is the
     exact gradient of y = γ·x/√(mean(x²)+ε) + β.
+
+    Written for few passes over the activations: with s = 1/√(χ̄²+ε), w = γ·r and D = Σ dy·x per group and
+    channel (one reduction), Ψ = w·s·D/count, dγ = Σ_groups r·s·D, and dx = dy·(w·s) − x·(s²·Ψ̄) is one
+    multiply and one fused multiply-add; the forward is one reduction and one fused multiply-add.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, chi2_bar, r, use_sma, ring_gz, t0, window, eps):
         dt = chi2_bar.dtype
         inv = torch.rsqrt(chi2_bar + eps)  # (G, C)
-        scale = _per_sample(inv * weight.to(dt) * r, x)
-        y = x.to(dt) * scale + bias.to(dt).view(1, -1, *([1] * (x.dim() - 2)))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = torch.addcmul(bias.to(dt).view(shape), x.to(dt), per_sample(inv * weight.to(dt) * r, x))
         ctx.save_for_backward(x, weight, inv, r, use_sma, t0)
         ctx.ring_gz, ctx.window = ring_gz, window
         return y.to(x.dtype)
@@ -69,23 +65,22 @@ class _MABNNormalize(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, inv, r, use_sma, t0 = ctx.saved_tensors
         groups, dt = inv.shape[0], inv.dtype
-        dy = dy.to(dt)
-        inv_n = _per_sample(inv, x)
-        z = x.to(dt) * inv_n
-        ghat = dy * _per_sample(weight.to(dt) * r, x)
-        psi = _group_mean(ghat * z, groups)  # (G, C): Ψ_t = mean(ĝ·z) per normalization batch
+        xd, dyd = x.to(dt), dy.to(dt)
+        count = x.numel() // (groups * x.shape[1])  # samples x positions per normalization batch
+        w = weight.to(dt) * r  # (G, C)
+        dot = group_sum(spatial_dot(dyd, xd), groups)  # (G, C): Σ dy·x
+        psi = w * inv * dot / count  # Ψ_t = mean(ĝ·z) per normalization batch
         ring = ctx.ring_gz
         sma, ring_next, slots = _window_means(ring, t0, psi, ctx.window)
         psi_bar = torch.where(use_sma, sma, psi)
         ring.index_copy_(0, slots, ring_next.to(ring.dtype))
         dx = dw = db = None
-        sum_dims = (0, *range(2, x.dim()))
         if ctx.needs_input_grad[0]:
-            dx = ((ghat - z * _per_sample(psi_bar, x)) * inv_n).to(x.dtype)
+            dx = (dyd * per_sample(w * inv, x)).addcmul_(xd, per_sample(-inv * inv * psi_bar, x)).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dw = (dy * z * _per_sample(r, x)).sum(dim=sum_dims).to(weight.dtype)
+            dw = (r * inv * dot).sum(dim=0).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            db = dy.sum(dim=sum_dims).to(weight.dtype)
+            db = dyd.sum(dim=(0, *range(2, x.dim()))).to(weight.dtype)
         return dx, dw, db, None, None, None, None, None, None, None
 
 
@@ -147,7 +142,7 @@ class MABN2d(nn.Module):
         if not self.training:
             scale, shift = self.eval_scale_shift()
             shape = (1, -1) + (1,) * (x.dim() - 2)
-            return (x.to(dt) * scale.view(shape).to(dt) + shift.view(shape).to(dt)).to(x.dtype)
+            return torch.addcmul(shift.view(shape).to(dt), x.to(dt), scale.view(shape).to(dt)).to(x.dtype)
         groups, _ = num_groups(x.shape[0], self.group_size)
         with torch.no_grad():
             chi2_bar, r, use_sma, t0 = self._update_forward_state(x.detach(), groups, dt)
@@ -157,7 +152,8 @@ class MABN2d(nn.Module):
     def _update_forward_state(self, x: Tensor, groups: int, dt: torch.dtype):
         """χ̄², r and the SMA mask for each group; advances ring_x2, running_var and the counter."""
         m = self.window
-        chi2 = _group_mean(x.to(dt).square(), groups)  # (G, C): χ²_t = mean(x²) per normalization batch
+        count = x.numel() // (groups * x.shape[1])
+        chi2 = group_sum(spatial_sum_sq(x.to(dt)), groups) / count  # (G, C): χ²_t = mean(x²) per normalization batch
         t0 = self.num_batches_tracked.clone()
         t = (t0 + 1 + torch.arange(groups, device=x.device))[:, None]  # (G, 1), counted from 1
         sma, ring_next, slots = _window_means(self.ring_x2, t0, chi2, m)

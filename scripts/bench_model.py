@@ -1,0 +1,160 @@
+"""Model benchmark: ResNet-50 training throughput and memory per norm and normalization batch.
+
+    python scripts/bench_model.py                                   # auto device, 224 px, device batch 32 and 64
+    python scripts/bench_model.py --image-size 112 --batches 32,64 --out results/performance/model.json
+
+One training step is forward, cross-entropy, backward and an SGD step (momentum, weight decay), under bf16
+autocast with channels_last on CUDA and float32 on CPU. For each device batch B and normalization batch n
+(grouped: B/n groups of n in one call) every norm is timed; the ratio is to bn at the same B and n. The
+true-small-batch rows run device batch n itself (eager), the mode grouping replaces; ``speedup`` on the
+grouped rows is their img/s over that true-small-batch row of the same norm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mabn.benchmark import (  # noqa: E402
+    cuda_peak_mb,
+    pick_device,
+    pick_dtype,
+    print_table,
+    saved_for_backward_mb,
+    time_ms,
+    write_record,
+)
+from mabn.models import build_model  # noqa: E402
+from mabn.norms import NormContext, build_norm, center_conv_weights  # noqa: E402
+from mabn.optim import build_optimizer  # noqa: E402
+
+NORMS = ("bn", "gn", "brn", "mabn")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build(norm: str, n: int, batch: int, model_name: str, device, channels_last: bool):
+    recipe = build_norm(norm, NormContext(norm_batch=n, device_batch=batch, total_iters=1))
+    model = build_model(model_name, recipe.ctor, num_classes=1000, in_channels=3)
+    if recipe.weight_centering:
+        center_conv_weights(model)
+    for m in model.modules():  # the steady state of a long run: warm-ups and ramps are over
+        for attr in ("warmup_iters", "renorm_iters", "r_max_iters", "d_max_iters"):
+            if hasattr(m, attr):
+                setattr(m, attr, 0)
+    model.to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "norm_weight_decay": 0.0,
+                                  "nesterov": False}, 0.01)
+    return model, opt
+
+
+def measure(args, norm: str, n: int, batch: int, device, dtype, channels_last: bool) -> dict:
+    model, opt = build(norm, n, batch, args.model, device, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+    amp = dtype != torch.float32
+
+    def forward():
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            return loss_fn(model(x), y)
+
+    def step():
+        loss = forward()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t = time_ms(step, device, repeats=args.repeats, warmup=args.warmup)
+    return {"norm": norm, "batch": batch, "n": n, "mode": "grouped" if n < batch else "whole batch",
+            "ms": t["median_ms"], "img_s": batch / t["median_ms"] * 1e3,
+            "saved_mb": saved_for_backward_mb(forward), "cuda_peak_mb": cuda_peak_mb(step, device)}
+
+
+def run(args) -> list[dict]:
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    channels_last = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "true"
+    torch.manual_seed(0)
+    rows = []
+    for batch in args.batches:
+        for n in args.norm_batches:
+            if batch % n:
+                raise ValueError(f"normalization batch {n} must divide the device batch {batch}")
+            base = None
+            for norm in NORMS:
+                if norm == "gn" and n != args.norm_batches[0]:
+                    continue  # batch-free: one row per device batch
+                row = measure(args, norm, n, batch, device, dtype, channels_last)
+                if norm == "gn":
+                    row["n"], row["mode"] = None, "batch-free"
+                base = base if base is not None else row["ms"]  # bn comes first
+                row["ratio"] = row["ms"] / base
+                rows.append(row)
+    small = {}
+    for n in sorted(set(args.norm_batches) - set(args.batches)):
+        for norm in args.small_norms:
+            row = measure(args, norm, n, n, device, dtype, channels_last)
+            row["mode"] = "true small batch"
+            small[(norm, n)] = row
+            rows.append(row)
+    for row in rows:
+        ref = small.get((row["norm"], row["n"]))
+        if ref is not None and row["mode"] == "grouped":
+            row["speedup"] = row["img_s"] / ref["img_s"]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batches", type=_ints, default=[32, 64], help="device batches, e.g. 32,64")
+    p.add_argument("--norm-batches", type=_ints, default=[2, 32], help="normalization batches, e.g. 2,32")
+    p.add_argument("--small-norms", default="bn,mabn", help="norms timed at true device batch n")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "results/performance/model.json"))
+    args = p.parse_args(argv)
+    args.small_norms = [s for s in args.small_norms.split(",") if s]
+    unknown = sorted(set(args.small_norms) - set(NORMS))
+    if unknown:
+        p.error(f"--small-norms: unknown {unknown}; choose from {list(NORMS)}")
+    try:
+        device = pick_device(args.device)
+        rows = run(args)
+    except ValueError as err:  # a bad setting: name it, no traceback
+        p.error(str(err))
+    settings = {"model": args.model, "image_size": args.image_size, "batches": args.batches,
+                "norm_batches": args.norm_batches, "repeats": args.repeats, "warmup": args.warmup,
+                "dtype": str(pick_dtype(args.dtype, device)).replace("torch.", ""),
+                "channels_last": device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "true"}
+    path = write_record(args.out, "model", device, settings, rows)
+    print_table(rows, ["norm", "batch", "n", "mode", "ms", "img_s", "ratio", "speedup", "saved_mb", "cuda_peak_mb"])
+    print(f"record: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

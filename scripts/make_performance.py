@@ -1,0 +1,184 @@
+"""Render results/performance.md from the benchmarks' JSON records (results/performance/*.json).
+
+    python scripts/make_performance.py [--records results/performance] [--out results/performance.md]
+
+Every number in the page comes from a record; the targets of the performance issue are checked against the
+records that can measure them, and a target whose record is missing or ran on the wrong device says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ("layer", "model", "inference")
+COMMANDS = {
+    "layer": "python scripts/bench_layer.py",
+    "model": "python scripts/bench_model.py",
+    "inference": "python scripts/bench_inference.py",
+}
+COLUMNS = {
+    "layer": [("shape", "shape"), ("norm", "norm"), ("n", "n"), ("ms", "fwd+bwd ms"), ("ratio", "x torch-bn"),
+              ("saved_mb", "saved for bwd MiB"), ("cuda_peak_mb", "CUDA peak MiB")],
+    "model": [("norm", "norm"), ("batch", "device batch"), ("n", "n"), ("mode", "mode"), ("ms", "step ms"),
+              ("img_s", "img/s"), ("ratio", "x bn time"), ("speedup", "img/s x true small batch"),
+              ("saved_mb", "saved for bwd MiB"), ("cuda_peak_mb", "CUDA peak MiB")],
+    "inference": [("norm", "norm"), ("folded", "folded"), ("batch", "batch"), ("ms", "ms"), ("img_s", "img/s"),
+                  ("ratio", "img/s x folded bn")],
+}
+
+
+def load_records(folder: Path) -> dict[str, dict]:
+    records = {}
+    for name in BENCHMARKS:
+        path = folder / f"{name}.json"
+        if path.exists():
+            record = json.loads(path.read_text())
+            if record.get("benchmark") != name:
+                raise ValueError(f"{path}: expected a {name!r} benchmark record, got {record.get('benchmark')!r}")
+            records[name] = record
+    return records
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return lines
+
+
+def _on_cuda(record: dict | None) -> bool:
+    return bool(record and record["environment"].get("cuda"))
+
+
+def _where(record: dict) -> str:
+    env = record["environment"]
+    return f"{env['device']}, torch {env['torch']}"
+
+
+def _model_setting(record: dict) -> str:
+    s = record["settings"]
+    return f"{s['model']} at {s['image_size']} px, {s['dtype']}"
+
+
+def targets(records: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for each target of the performance issue that the records can speak to."""
+    out = []
+    layer, model, inference = (records.get(k) for k in BENCHMARKS)
+
+    def gpu_verdict(record, ok: bool) -> str:
+        if not _on_cuda(record):
+            return "open: GPU target, this record ran on CPU"
+        return "met" if ok else "not met"
+
+    if model:
+        rows = [r for r in model["rows"] if r["mode"] in ("grouped", "whole batch")]
+        for norm in ("mabn", "brn"):
+            worst = max((r for r in rows if r["norm"] == norm), key=lambda r: r["ratio"], default=None)
+            if worst:
+                out.append((f"ResNet-50 train step, {norm} <= 1.10x bn at the same device batch",
+                            f"worst {worst['ratio']:.2f}x (device batch {worst['batch']}, n={worst['n']}); "
+                            f"{_where(model)}, {_model_setting(model)}", gpu_verdict(model, worst["ratio"] <= 1.10)))
+        grouped = [r for r in model["rows"] if r["norm"] == "mabn" and r.get("speedup") is not None]
+        for r in grouped:
+            out.append((f"grouped n={r['n']} at device batch {r['batch']} >= 10x the img/s of true device batch "
+                        f"{r['n']} (mabn)", f"{r['speedup']:.1f}x; {_where(model)}",
+                        gpu_verdict(model, r["speedup"] >= 10)))
+        mem_key = "cuda_peak_mb" if _on_cuda(model) else "saved_mb"
+        worst = None
+        for r in rows:
+            if r["norm"] != "mabn":
+                continue
+            bn = next((b for b in rows if b["norm"] == "bn" and b["batch"] == r["batch"] and b["n"] == r["n"]), None)
+            if bn and bn.get(mem_key) and r.get(mem_key):
+                ratio = r[mem_key] / bn[mem_key]
+                worst = max(worst or (ratio, r), (ratio, r), key=lambda p: p[0])
+        if worst:
+            what = "CUDA peak" if mem_key == "cuda_peak_mb" else "memory saved for backward (CPU: no peak counter)"
+            out.append(("mabn peak training memory <= 1.10x bn",
+                        f"{what}: worst {worst[0]:.3f}x (device batch {worst[1]['batch']}, n={worst[1]['n']}); "
+                        f"{_where(model)}", gpu_verdict(model, worst[0] <= 1.10)))
+    out.append(("true device batch 2 with CUDA graphs >= 2x eager",
+                "not built: whole-step CUDA graph capture needs a GPU to build and verify against eager", "open"))
+    if layer:
+        totals = [r for r in layer["rows"] if r["shape"].endswith(")")]
+        for r in (r for r in totals if r["norm"] == "mabn"):
+            naive = next((x for x in totals if x["norm"] == "naive-mabn" and x["n"] == r["n"]), None)
+            if naive:
+                speed = naive["ms"] / r["ms"]
+                out.append((f"mabn layer >= 3x faster than the eager sequential baseline (n={r['n']})",
+                            f"{speed:.1f}x over {r['shape']}; {_where(layer)}",
+                            gpu_verdict(layer, speed >= 3)))
+        if not _on_cuda(layer):
+            shapes = [r for r in layer["rows"] if r["norm"] == "mabn" and not r["shape"].endswith(")")]
+            for r in (r for r in totals if r["norm"] == "mabn"):
+                worst = max((s for s in shapes if s["n"] == r["n"]), key=lambda s: s["ratio"])
+                out.append((f"CPU: mabn layer forward+backward <= 2x nn.BatchNorm2d (n={r['n']})",
+                            f"{r['ratio']:.2f}x over {r['shape']}, worst single shape {worst['shape']} "
+                            f"{worst['ratio']:.2f}x; "
+                            f"{_where(layer)}", "met" if max(r["ratio"], worst["ratio"]) <= 2 else "not met"))
+    if inference:
+        for r in inference["rows"]:
+            if r["norm"] == "mabn" and r["folded"]:
+                out.append((f"folded mabn inference = folded bn +- 2% (batch {r['batch']})",
+                            f"{r['ratio']:.3f}x; {_where(inference)}",
+                            gpu_verdict(inference, abs(r["ratio"] - 1) <= 0.02)))
+            if r["norm"] == "gn":
+                out.append((f"report gn's inference ratio (batch {r['batch']})",
+                            f"{r['ratio']:.3f}x folded bn's img/s; {_where(inference)}", "reported"))
+    return out
+
+
+def render(records: dict[str, dict]) -> str:
+    lines = ["# Performance", "",
+             "Generated by `python scripts/make_performance.py` from the benchmark records in "
+             "`results/performance/*.json`; do not edit by hand. Regenerate with `make bench` (see README).", ""]
+    if not records:
+        lines += ["No benchmark records yet.", ""]
+        return "\n".join(lines)
+    lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {v} |" for t, m, v in targets(records)]
+    lines.append("")
+    for name in BENCHMARKS:
+        record = records.get(name)
+        lines += [f"## {name.capitalize()} benchmark", ""]
+        if record is None:
+            lines += [f"No record: run `{COMMANDS[name]}`.", ""]
+            continue
+        env, settings = record["environment"], record["settings"]
+        lines += [f"- command: `{env['command']}`",
+                  f"- device: {env['device']}; torch {env['torch']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
+                  + f"; Python {env['python']}; {env['threads']} threads",
+                  f"- commit {env['git_sha']}, {env['time']}",
+                  "- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+                  "- times are medians over the repeats; ratios are to the baseline timed in the same run", ""]
+        lines += _table(record["rows"], COLUMNS[name])
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", default=str(ROOT / "results/performance"))
+    p.add_argument("--out", default=str(ROOT / "results/performance.md"))
+    args = p.parse_args(argv)
+    records = load_records(Path(args.records))
+    Path(args.out).write_text(render(records))
+    print(f"wrote {args.out} from {len(records)} record(s): {', '.join(records) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
