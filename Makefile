@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo coco-demo selfcheck test lint clean-venv
+.PHONY: install demo coco-demo selfcheck test lint bench clean-venv
 
 install:            ## create .venv and install everything (idempotent; see scripts/install.sh)
 	bash scripts/install.sh
@@ -18,6 +18,12 @@ selfcheck: install  ## every registered norm on real Fashion-MNIST images (group
 
 test: install lint  ## the whole test suite, 2 workers, one thread each (two cores oversubscribed crawl)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup --timeout=1800 -q
+
+bench: install      ## layer, model and inference benchmarks on this machine -> results/performance.md
+	$(PY) scripts/bench_layer.py $(BENCH_LAYER_ARGS)
+	$(PY) scripts/bench_model.py $(BENCH_MODEL_ARGS)
+	$(PY) scripts/bench_inference.py $(BENCH_INFERENCE_ARGS)
+	$(PY) scripts/make_performance.py
 
 lint: install
 	$(VENV)/bin/ruff check .

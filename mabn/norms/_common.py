@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -98,8 +100,14 @@ def ema_weights(momentum: float, groups: int, device, dtype) -> tuple[Tensor, Te
 
     Returns (decay, mix) with shapes (G+1,) and (G+1, G) such that the value *before* step g (g = 0..G-1)
     and the final value (row G) are ``decay[g] * v0 + mix[g] @ s``. Built on ``device`` directly: a
-    CPU-built tensor copied to a GPU would be a host-device synchronisation inside every forward.
+    CPU-built tensor copied to a GPU would be a host-device synchronisation inside every forward. Cached per
+    (momentum, G, device, dtype): every layer of a model asks for the same weights at every step.
     """
+    return _ema_weights(float(momentum), int(groups), torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _ema_weights(momentum: float, groups: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     keep = 1.0 - momentum
     g = torch.arange(groups + 1, device=device, dtype=torch.float64)
     h = torch.arange(groups, device=device, dtype=torch.float64)
