@@ -153,6 +153,47 @@ def _settings(records: list[dict]) -> str:
             f"seeds {values('seed')}")
 
 
+def _spread(cell: Cell, key: str) -> tuple[float, float] | None:
+    values = cell.values(key)
+    if len(values) < 2:
+        return None
+    mean, std = mean_std(values)
+    return mean, std
+
+
+def claims(grid: list[Cell], key: str = "top1_err", small: int = 2, large: int = 32) -> list[str]:
+    """The MABN paper's qualitative ImageNet claims checked on a classification table's records.
+
+    "Beyond the seed spread" means the two means differ by more than the sum of the two cells' sample
+    standard deviations (a deliberately plain criterion for a handful of seeds). A claim whose cells are
+    missing, or hold fewer than two finished seeds, is left out."""
+    by = {(c.label, c.n): c for c in grid}
+    stats = {k: _spread(c, key) for k, c in by.items()}
+    bn_s, bn_l = stats.get(("bn", small)), stats.get(("bn", large))
+    mabn_s, brn_s = stats.get(("mabn", small)), stats.get(("brn", small))
+
+    def fmt(name, n, st):
+        return f"{name}@{n} {st[0]:.2f} ± {st[1]:.2f}"
+
+    out = []
+    if bn_s and bn_l:
+        gap, spread = bn_s[0] - bn_l[0], bn_s[1] + bn_l[1]
+        verdict = "yes" if gap > spread else "no"
+        out.append(f"- BN@{small} worse than BN@{large} beyond the seed spread: **{verdict}** — "
+                   f"{fmt('bn', small, bn_s)} vs {fmt('bn', large, bn_l)}: gap {gap:+.2f}, spread {spread:.2f}.")
+    if mabn_s and bn_l:
+        gap, spread = mabn_s[0] - bn_l[0], mabn_s[1] + bn_l[1]
+        verdict = "yes" if abs(gap) <= spread else ("no (better)" if gap < 0 else "no (worse)")
+        out.append(f"- MABN@{small} within the seed spread of BN@{large}: **{verdict}** — "
+                   f"{fmt('mabn', small, mabn_s)} vs {fmt('bn', large, bn_l)}: gap {gap:+.2f}, spread {spread:.2f}.")
+    if brn_s and bn_s and mabn_s:
+        lo, hi = sorted((bn_s[0], mabn_s[0]))
+        verdict = "yes" if lo < brn_s[0] < hi else "no"
+        out.append(f"- BRN@{small} between BN@{small} and MABN@{small} (means): **{verdict}** — "
+                   f"{fmt('brn', small, brn_s)}; bn {bn_s[0]:.2f}, mabn {mabn_s[0]:.2f}.")
+    return out
+
+
 def render_table(table: str, records: list[dict], figures: list[str] = ()) -> str:
     """The markdown of one results table: ours per cell, then the papers' numbers in their own columns."""
     task = _task(records)
@@ -174,6 +215,12 @@ def render_table(table: str, records: list[dict], figures: list[str] = ()) -> st
             row = [format_cell(by[(label, n)], key) if (label, n) in by else "" for n in ns]
             out.append(f"| {label} | " + " | ".join(row) + " |")
         out.append("")
+    checked = claims(grid, metrics[0][0]) if task == "classification" else []
+    if checked:
+        out += ["## The MABN paper's claims, checked on these records", "",
+                "The paper (ImageNet, error): BN@2 35.2 far above BN@32 23.4, MABN@2 23.7 near BN@32, BRN@2 30.3 "
+                "between. \"Beyond the seed spread\": the means differ by more than the sum of the two sample "
+                "stds.", ""] + checked + [""]
     reported: list[Reported] = reported_for(task, table)
     out += ["## Reported in the papers (not this data or hardware unless stated; reference only)", "",
             "| norm | n | " + " | ".join(f"this repo: {h}" for _, h, _ in metrics) + " | runs | "
@@ -250,7 +297,7 @@ def plot_table(table: str, records: list[dict], out_dir: Path) -> list[str]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    names.append(_save(fig, out_dir / f"{table}_vs_n"))
+    names.append(save_figure(fig, out_dir / f"{table}_vs_n"))
 
     rows = list(dict.fromkeys(c.label for c in grid))
     fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.5), squeeze=False, sharey=True)
@@ -270,7 +317,7 @@ def plot_table(table: str, records: list[dict], out_dir: Path) -> list[str]:
             ax.legend(fontsize=8)
     axes[0][0].set_ylabel("training loss (mean over seeds)")
     fig.tight_layout()
-    names.append(_save(fig, out_dir / f"{table}_curves"))
+    names.append(save_figure(fig, out_dir / f"{table}_curves"))
     plt.close("all")
     return names
 
@@ -280,10 +327,14 @@ def _color(norm: str) -> str:
     return f"C{NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER)}"
 
 
-def _save(fig, stem: Path) -> str:
+def save_figure(fig, stem: Path) -> str:
+    """stem.png and stem.svg, byte-identical when regenerated from the same records (no dates, fixed ids)."""
+    import matplotlib
+
     stem.parent.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "svg"):
-        fig.savefig(stem.with_suffix(f".{ext}"), dpi=120)
+    with matplotlib.rc_context({"svg.hashsalt": "mabn-results"}):
+        fig.savefig(stem.with_suffix(".png"), dpi=120, metadata={"Software": None})
+        fig.savefig(stem.with_suffix(".svg"), metadata={"Date": None, "Creator": None})
     return stem.with_suffix(".png").name
 
 

@@ -20,6 +20,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mabn.results import save_figure  # noqa: E402
+
 STATS = {"mu_dev": "forward: mean μ_B", "var_dev": "forward: variance σ²_B", "g_dev": "backward: g_B",
          "psi_dev": "backward: Ψ_B"}
 
@@ -103,8 +106,7 @@ def plot(runs: list[dict], out: Path) -> None:
 def _save(fig, stem: Path) -> None:
     import matplotlib.pyplot as plt
 
-    for ext in ("png", "svg"):
-        fig.savefig(stem.with_suffix(f".{ext}"), dpi=120)
+    save_figure(fig, stem)
     plt.close(fig)
 
 

@@ -133,3 +133,29 @@ def test_script_collects_and_reports_bad_input(sweep, tmp_path):
                  "--no-plots")
     assert out.returncode == 0, out.stderr
     assert f"wrote {tmp_path / 'out' / 'fmnist.md'}" in out.stdout and not (tmp_path / "out" / "figures").exists()
+
+
+def test_paper_claims_are_checked_from_the_records(tmp_path):
+    runs = tmp_path / "runs"
+    errors = {("bn", 2): (18.0, 19.0, 20.0), ("bn", 32): (10.0, 10.5, 11.0), ("mabn", 2): (10.25, 10.75, 11.25),
+              ("brn", 2): (14.0, 15.0, 16.0)}
+    for (norm, n), errs in errors.items():
+        for seed, err in enumerate(errs):
+            write_run(runs, f"{norm}-n{n}-s{seed}", norm=norm, norm_batch=n, seed=seed, top1=100.0 - err)
+    collect(sorted(runs.iterdir()), tmp_path / "records")
+    text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+    section = text.split("## The MABN paper's claims, checked on these records")[1].split("## Reported")[0]
+    assert ("- BN@2 worse than BN@32 beyond the seed spread: **yes** — bn@2 19.00 ± 1.00 vs bn@32 10.50 ± 0.50: "
+            "gap +8.50, spread 1.50.") in section
+    assert ("- MABN@2 within the seed spread of BN@32: **yes** — mabn@2 10.75 ± 0.50 vs bn@32 10.50 ± 0.50: "
+            "gap +0.25, spread 1.00.") in section
+    assert "- BRN@2 between BN@2 and MABN@2 (means): **yes** — brn@2 15.00 ± 1.00; bn 19.00, mabn 10.75." in section
+    # a claim the records contradict says no; one without two seeds per cell is left out
+    for seed in range(3):
+        (tmp_path / "records" / "fmnist" / f"mabn-n2-s{seed}" / "summary.json").write_text(json.dumps(
+            {**json.loads((runs / f"mabn-n2-s{seed}" / "summary.json").read_text()), "top1": 70.0 + seed}))
+    (tmp_path / "records" / "fmnist" / "bn-n32-s1" / "summary.json").unlink()
+    (tmp_path / "records" / "fmnist" / "bn-n32-s2" / "summary.json").unlink()
+    text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+    assert "BN@2 worse than BN@32" not in text and "MABN@2 within" not in text
+    assert "- BRN@2 between BN@2 and MABN@2 (means): **no** — brn@2 15.00 ± 1.00; bn 19.00, mabn 29.00." in text
