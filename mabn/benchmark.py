@@ -7,6 +7,7 @@ records by scripts/make_performance.py, never typed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .records import git_sha, hardware
+from .records import PROJECT_ROOT, git_sha, hardware
 
 
 def pick_device(name: str) -> torch.device:
@@ -133,3 +134,48 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers (e.g. ``32,64``)."""
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def channels_last_for(setting: str, device: torch.device) -> bool:
+    """``auto``: channels_last on CUDA (the targets' setting), NCHW on CPU."""
+    return device.type == "cuda" if setting == "auto" else setting == "true"
+
+
+def parser(doc: str, name: str, *, repeats: int, warmup: int) -> argparse.ArgumentParser:
+    """The options every benchmark takes: device, dtype, memory format, repeats, warm-up, record path."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--out", default=str(PROJECT_ROOT / "results" / "performance" / f"{name}.json"))
+    return p
+
+
+def run_and_record(p: argparse.ArgumentParser, args, name: str, run: Callable, *, settings: list[str],
+                   columns: list[str]) -> int:
+    """Run a benchmark (a bad setting is reported by the parser, no traceback), print and record its rows."""
+    try:
+        device = pick_device(args.device)
+        rows = run(args)
+    except ValueError as err:
+        p.error(str(err))
+    recorded = {k: getattr(args, k) for k in settings}
+    recorded["dtype"] = str(pick_dtype(args.dtype, device)).replace("torch.", "")
+    recorded["channels_last"] = channels_last_for(args.channels_last, device)
+    path = write_record(args.out, name, device, recorded, rows)
+    print_table(rows, columns)
+    print(f"record: {path}")
+    return 0

@@ -11,7 +11,6 @@ what folding saves.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -21,22 +20,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mabn.benchmark import pick_device, pick_dtype, print_table, time_ms, write_record  # noqa: E402
+from mabn.benchmark import (  # noqa: E402
+    channels_last_for,
+    int_list,
+    parser,
+    pick_device,
+    pick_dtype,
+    run_and_record,
+    time_ms,
+)
 from mabn.fold import fold_norms  # noqa: E402
 from mabn.models import build_model  # noqa: E402
 from mabn.norms import build_norm, center_conv_weights  # noqa: E402
 
 CANDIDATES = (("bn", True), ("mabn", True), ("gn", False), ("bn", False))  # (norm, folded); first = baseline
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def build_eval_model(norm: str, folded: bool, model_name: str, device, channels_last: bool):
@@ -63,7 +60,7 @@ def _infer(model, x, device, dtype) -> None:
 def run(args) -> list[dict]:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    channels_last = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "true"
+    channels_last = channels_last_for(args.channels_last, device)
     torch.manual_seed(0)
     models = {(norm, folded): build_eval_model(norm, folded, args.model, device, channels_last)
               for norm, folded in CANDIDATES}
@@ -84,30 +81,13 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16")
-    p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
+    p = parser(__doc__, "inference", repeats=10, warmup=2)
     p.add_argument("--model", default="resnet50")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batches", type=_ints, default=[1, 32, 256])
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "results/performance/inference.json"))
+    p.add_argument("--batches", type=int_list, default=[1, 32, 256])
     args = p.parse_args(argv)
-    try:
-        device = pick_device(args.device)
-        rows = run(args)
-    except ValueError as err:  # a bad setting: name it, no traceback
-        p.error(str(err))
-    settings = {"model": args.model, "image_size": args.image_size, "batches": args.batches,
-                "repeats": args.repeats, "warmup": args.warmup,
-                "dtype": str(pick_dtype(args.dtype, device)).replace("torch.", ""),
-                "channels_last": device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "true"}
-    path = write_record(args.out, "inference", device, settings, rows)
-    print_table(rows, ["norm", "folded", "batch", "ms", "img_s", "ratio"])
-    print(f"record: {path}")
-    return 0
+    return run_and_record(p, args, "inference", run, settings=["model", "image_size", "batches", "repeats", "warmup"],
+                          columns=["norm", "folded", "batch", "ms", "img_s", "ratio"])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ autograd keeps for backward (every device) and, on CUDA, the peak allocated duri
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
@@ -25,13 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mabn.benchmark import (  # noqa: E402
+    channels_last_for,
     cuda_peak_mb,
+    parser,
     pick_device,
     pick_dtype,
-    print_table,
+    run_and_record,
     saved_for_backward_mb,
     time_ms,
-    write_record,
 )
 from mabn.norms import build_norm  # noqa: E402
 from mabn.norms.registry import NormContext  # noqa: E402
@@ -151,7 +151,7 @@ def _past_schedules(layer: nn.Module) -> None:
 def run(args) -> list[dict]:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    channels_last = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "true"
+    channels_last = channels_last_for(args.channels_last, device)
     shapes = RESNET50_SHAPES if args.shapes == "resnet50" else SMALL_SHAPES
     if args.batch % args.norm_batch:
         raise ValueError(f"--norm-batch {args.norm_batch} must divide --batch {args.batch}")
@@ -190,30 +190,14 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16")
-    p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
+    p = parser(__doc__, "layer", repeats=10, warmup=3)
     p.add_argument("--batch", type=int, default=32, help="device batch")
     p.add_argument("--norm-batch", type=int, default=2, help="normalization batch n of the grouped rows")
     p.add_argument("--window", type=int, default=16, help="MABN window m (the paper's 16 at n = 2)")
     p.add_argument("--shapes", default="resnet50", choices=["resnet50", "small"])
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out", default=str(ROOT / "results/performance/layer.json"))
     args = p.parse_args(argv)
-    try:
-        device = pick_device(args.device)
-        rows = run(args)
-    except ValueError as err:  # a bad setting: name it, no traceback
-        p.error(str(err))
-    settings = {k: getattr(args, k) for k in ("batch", "norm_batch", "window", "shapes", "repeats", "warmup")}
-    settings["dtype"] = str(pick_dtype(args.dtype, device)).replace("torch.", "")
-    settings["channels_last"] = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "true"
-    path = write_record(args.out, "layer", device, settings, rows)
-    print_table(rows, ["shape", "norm", "n", "ms", "ratio", "saved_mb", "cuda_peak_mb"])
-    print(f"record: {path}")
-    return 0
+    return run_and_record(p, args, "layer", run, settings=["batch", "norm_batch", "window", "shapes", "repeats", "warmup"],
+                          columns=["shape", "norm", "n", "ms", "ratio", "saved_mb", "cuda_peak_mb"])
 
 
 if __name__ == "__main__":

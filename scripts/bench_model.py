@@ -12,7 +12,6 @@ grouped rows is their img/s over that true-small-batch row of the same norm.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,29 +22,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mabn.benchmark import (  # noqa: E402
+    channels_last_for,
     cuda_peak_mb,
+    int_list,
+    parser,
     pick_device,
     pick_dtype,
-    print_table,
+    run_and_record,
     saved_for_backward_mb,
     time_ms,
-    write_record,
 )
 from mabn.models import build_model  # noqa: E402
 from mabn.norms import NormContext, build_norm, center_conv_weights  # noqa: E402
 from mabn.optim import build_optimizer  # noqa: E402
 
 NORMS = ("bn", "gn", "brn", "mabn")
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def build(norm: str, n: int, batch: int, model_name: str, device, channels_last: bool):
@@ -92,7 +83,7 @@ def measure(args, norm: str, n: int, batch: int, device, dtype, channels_last: b
 def run(args) -> list[dict]:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    channels_last = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "true"
+    channels_last = channels_last_for(args.channels_last, device)
     torch.manual_seed(0)
     rows = []
     for batch in args.batches:
@@ -124,36 +115,19 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16")
-    p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
+    p = parser(__doc__, "model", repeats=5, warmup=2)
     p.add_argument("--model", default="resnet50")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batches", type=_ints, default=[32, 64], help="device batches, e.g. 32,64")
-    p.add_argument("--norm-batches", type=_ints, default=[2, 32], help="normalization batches, e.g. 2,32")
+    p.add_argument("--batches", type=int_list, default=[32, 64], help="device batches, e.g. 32,64")
+    p.add_argument("--norm-batches", type=int_list, default=[2, 32], help="normalization batches, e.g. 2,32")
     p.add_argument("--small-norms", default="bn,mabn", help="norms timed at true device batch n")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "results/performance/model.json"))
     args = p.parse_args(argv)
     args.small_norms = [s for s in args.small_norms.split(",") if s]
     unknown = sorted(set(args.small_norms) - set(NORMS))
     if unknown:
         p.error(f"--small-norms: unknown {unknown}; choose from {list(NORMS)}")
-    try:
-        device = pick_device(args.device)
-        rows = run(args)
-    except ValueError as err:  # a bad setting: name it, no traceback
-        p.error(str(err))
-    settings = {"model": args.model, "image_size": args.image_size, "batches": args.batches,
-                "norm_batches": args.norm_batches, "repeats": args.repeats, "warmup": args.warmup,
-                "dtype": str(pick_dtype(args.dtype, device)).replace("torch.", ""),
-                "channels_last": device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "true"}
-    path = write_record(args.out, "model", device, settings, rows)
-    print_table(rows, ["norm", "batch", "n", "mode", "ms", "img_s", "ratio", "speedup", "saved_mb", "cuda_peak_mb"])
-    print(f"record: {path}")
-    return 0
+    return run_and_record(p, args, "model", run, settings=["model", "image_size", "batches", "norm_batches", "repeats", "warmup"],
+                          columns=["norm", "batch", "n", "mode", "ms", "img_s", "ratio", "speedup", "saved_mb", "cuda_peak_mb"])
 
 
 if __name__ == "__main__":
