@@ -8,8 +8,6 @@ records by scripts/make_performance.py, never typed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .records import PROJECT_ROOT, git_sha, hardware
+from .records import PROJECT_ROOT, git_sha, hardware, write_json_atomic
 
 
 def pick_device(name: str) -> torch.device:
@@ -113,9 +111,7 @@ def write_record(path: Path | str, benchmark: str, device: torch.device, setting
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": benchmark, "environment": environment(device), "settings": settings, "rows": rows}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(record, path)
     return path
 
 

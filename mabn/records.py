@@ -35,7 +35,8 @@ def hardware(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"
 
 
-def _write_json_atomic(obj, path: Path) -> None:
+def write_json_atomic(obj, path: Path) -> None:
+    """Write ``obj`` as indented JSON via a temporary file and a rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -94,7 +95,7 @@ class RunRecorder:
     def write_summary(self, summary: dict) -> None:
         if not self.enabled:
             return
-        _write_json_atomic(summary, self.run_dir / "summary.json")
+        write_json_atomic(summary, self.run_dir / "summary.json")
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
 
