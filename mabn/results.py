@@ -44,10 +44,35 @@ class Cell:
         return [r[key] for r in self.finished if r.get(key) is not None]
 
 
+# The keys a record cannot be placed in a table without: its row and its column.
+REQUIRED = ("norm", "norm_batch")
+
+
+def read_summary(path: Path) -> dict:
+    """A summary.json as a dict; a ValueError that names the file says what is wrong with it."""
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(summary).__name__}")
+    return summary
+
+
 def load_record(run_dir: Path) -> dict:
     """summary.json of a run, with the derived top-1 error and where it came from."""
-    summary = json.loads((run_dir / "summary.json").read_text())
+    path = run_dir / "summary.json"
+    summary = read_summary(path)
+    missing = [key for key in REQUIRED if summary.get(key) is None]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)} (every record needs {', '.join(REQUIRED)})")
+    try:
+        int(summary["norm_batch"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: norm_batch {summary['norm_batch']!r} is not an integer") from err
     if summary.get("top1") is not None:
+        if not isinstance(summary["top1"], (int, float)):
+            raise ValueError(f"{path}: top1 {summary['top1']!r} is not a number")
         summary["top1_err"] = round(100.0 - summary["top1"], 4)
     summary["record_dir"] = str(run_dir)
     return summary
@@ -56,9 +81,15 @@ def load_record(run_dir: Path) -> dict:
 def load_tables(records_root: Path) -> dict[str, list[dict]]:
     """{table: [record, ...]} for every records_root/<table>/**/summary.json."""
     tables: dict[str, list[dict]] = defaultdict(list)
+    bad = []
     for path in sorted(records_root.glob("*/**/summary.json")):
         table = path.relative_to(records_root).parts[0]
-        tables[table].append(load_record(path.parent))
+        try:
+            tables[table].append(load_record(path.parent))
+        except ValueError as err:
+            bad.append(str(err))
+    if bad:  # all of them at once: a sweep's broken records are fixed in one pass, not one per rerun
+        raise ValueError(f"{len(bad)} bad record(s):\n  " + "\n  ".join(bad))
     return dict(tables)
 
 
@@ -72,7 +103,7 @@ def collect(run_dirs: list[Path], records_root: Path, table: str | None = None) 
         summary_path = run_dir / "summary.json"
         if not summary_path.is_file():
             continue  # unfinished: nothing to record yet
-        name = table or json.loads(summary_path.read_text()).get("experiment")
+        name = table or read_summary(summary_path).get("experiment")
         if not name:
             raise ValueError(f"{run_dir}/summary.json names no experiment; pass the table name (--table)")
         dest = records_root / name / run_dir.name
@@ -86,8 +117,8 @@ def collect(run_dirs: list[Path], records_root: Path, table: str | None = None) 
 
 
 def cells(records: list[dict]) -> list[Cell]:
-    """Records grouped by (norm, normalization batch) — and model, when the table holds several (XBNBlock beside
-    plain ResNets is another setting, not another seed) — in the papers' norm order and increasing n."""
+    """Records grouped by (norm, normalization batch) — and model, when the table holds several (XBNBlock
+    beside plain ResNets is another setting, not another seed) — in the papers' norm order, increasing n."""
     several_models = len({rec.get("model") for rec in records}) > 1
     by_key: dict[tuple[str, int], Cell] = {}
     for rec in records:
@@ -126,7 +157,8 @@ def _task(records: list[dict]) -> str:
 def _provenance(records: list[dict]) -> list[str]:
     """Hardware, commits, software, dates and commands of a table's records."""
     def counted(key):
-        return ", ".join(f"{value} ({count})" for value, count in Counter(str(r.get(key)) for r in records).most_common())
+        counts = Counter(str(r.get(key)) for r in records)
+        return ", ".join(f"{value} ({count})" for value, count in counts.most_common())
 
     finished = sorted(r["finished"] for r in records if r.get("finished"))
     hours = sum(r.get("wall_time_s") or 0 for r in records) / 3600
@@ -139,7 +171,8 @@ def _provenance(records: list[dict]) -> list[str]:
     for command, count in sorted(examples.items())[:6]:
         lines.append(f"- `python {command}`" + (f" ({count} runs)" if count > 1 else ""))
     if len(examples) > 6:
-        lines.append(f"- ... and {len(examples) - 6} more commands (each record's summary.json holds its own)")
+        lines.append(f"- ... and {len(examples) - 6} more commands "
+                     "(each record's summary.json holds its own)")
     return lines
 
 
@@ -147,9 +180,9 @@ def _settings(records: list[dict]) -> str:
     def values(key):
         return "/".join(sorted({str(r.get(key)) for r in records}))
 
+    length = f"epochs {values('epochs')}" if records[0].get("epochs") else f"iterations {values('iters')}"
     return (f"data {values('data')}, model {values('model')}, device batch {values('device_batch')}, "
-            f"{values('world_size')} process(es), SGD batch {values('sgd_batch')}, "
-            f"{'epochs ' + values('epochs') if records[0].get('epochs') else 'iterations ' + values('iters')}, "
+            f"{values('world_size')} process(es), SGD batch {values('sgd_batch')}, {length}, "
             f"seeds {values('seed')}")
 
 
@@ -180,12 +213,14 @@ def claims(grid: list[Cell], key: str = "top1_err", small: int = 2, large: int =
         gap, spread = bn_s[0] - bn_l[0], bn_s[1] + bn_l[1]
         verdict = "yes" if gap > spread else "no"
         out.append(f"- BN@{small} worse than BN@{large} beyond the seed spread: **{verdict}** — "
-                   f"{fmt('bn', small, bn_s)} vs {fmt('bn', large, bn_l)}: gap {gap:+.2f}, spread {spread:.2f}.")
+                   f"{fmt('bn', small, bn_s)} vs {fmt('bn', large, bn_l)}: "
+                   f"gap {gap:+.2f}, spread {spread:.2f}.")
     if mabn_s and bn_l:
         gap, spread = mabn_s[0] - bn_l[0], mabn_s[1] + bn_l[1]
         verdict = "yes" if abs(gap) <= spread else ("no (better)" if gap < 0 else "no (worse)")
         out.append(f"- MABN@{small} within the seed spread of BN@{large}: **{verdict}** — "
-                   f"{fmt('mabn', small, mabn_s)} vs {fmt('bn', large, bn_l)}: gap {gap:+.2f}, spread {spread:.2f}.")
+                   f"{fmt('mabn', small, mabn_s)} vs {fmt('bn', large, bn_l)}: "
+                   f"gap {gap:+.2f}, spread {spread:.2f}.")
     if brn_s and bn_s and mabn_s:
         lo, hi = sorted((bn_s[0], mabn_s[0]))
         verdict = "yes" if lo < brn_s[0] < hi else "no"
@@ -218,9 +253,9 @@ def render_table(table: str, records: list[dict], figures: list[str] = ()) -> st
     checked = claims(grid, metrics[0][0]) if task == "classification" else []
     if checked:
         out += ["## The MABN paper's claims, checked on these records", "",
-                "The paper (ImageNet, error): BN@2 35.2 far above BN@32 23.4, MABN@2 23.7 near BN@32, BRN@2 30.3 "
-                "between. \"Beyond the seed spread\": the means differ by more than the sum of the two sample "
-                "stds.", ""] + checked + [""]
+                "The paper (ImageNet, error): BN@2 35.2 far above BN@32 23.4, MABN@2 23.7 near BN@32, "
+                "BRN@2 30.3 between. \"Beyond the seed spread\": the means differ by more than the sum of "
+                "the two sample stds.", ""] + checked + [""]
     reported: list[Reported] = reported_for(task, table)
     out += ["## Reported in the papers (not this data or hardware unless stated; reference only)", "",
             "| norm | n | " + " | ".join(f"this repo: {h}" for _, h, _ in metrics) + " | runs | "
@@ -232,11 +267,11 @@ def render_table(table: str, records: list[dict], figures: list[str] = ()) -> st
         mixed = "xbn" in str(c.runs[0].get("model"))
         out.append(f"| {c.label} | {c.n} | " + " | ".join(ours) + f" | {len(c.runs)} | "
                    + " | ".join("" if mixed else r.get(c.norm, c.n) for r in reported) + " |")
-    sources = ("≈: read off the paper's figure. Papers: Yan et al. 2020 (MABN, official README); Wu & He 2018 "
-               "(GN). MABN's ImageNet n is simulated inside 32-image device batches at SGD batch 256; GN's n is "
-               "images per GPU." if task == "classification" else
-               "Paper: Yan et al. 2020 (MABN, official README), COCO, Mask R-CNN R50-FPN, 2x (180k iterations) "
-               "at 8 GPUs x 2 images.")
+    sources = ("≈: read off the paper's figure. Papers: Yan et al. 2020 (MABN, official README); "
+               "Wu & He 2018 (GN). MABN's ImageNet n is simulated inside 32-image device batches at SGD "
+               "batch 256; GN's n is images per GPU." if task == "classification" else
+               "Paper: Yan et al. 2020 (MABN, official README), COCO, Mask R-CNN R50-FPN, 2x "
+               "(180k iterations) at 8 GPUs x 2 images.")
     out += ["", sources, "", "## Provenance", ""]
     out += _provenance(records)
     if figures:
@@ -250,8 +285,11 @@ def _curve(record: dict) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     if not path.is_file():
         return xs, ys
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err})") from err
         loss = row.get("train/loss", row.get("total_loss"))
         if loss is not None:
             xs.append(row.get("iter", row.get("iteration")))
@@ -270,10 +308,16 @@ def plot_table(table: str, records: list[dict], out_dir: Path) -> list[str]:
 
     task = _task(records)
     grid = cells(records)
+    names = [save_figure(_plot_vs_n(plt, table, task, grid), out_dir / f"{table}_vs_n"),
+             save_figure(_plot_curves(plt, grid), out_dir / f"{table}_curves")]
+    plt.close("all")
+    return names
+
+
+def _plot_vs_n(plt, table: str, task: str, grid: list[Cell]):
+    """Our metric against n per norm (std as error bars) beside the first paper's curves."""
     key, header, _ = METRICS[task][0]
     reported = reported_for(task, table)[0]
-    names = []
-
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
     for label in dict.fromkeys(c.label for c in grid):
         mine = [c for c in grid if c.label == label]
@@ -285,8 +329,8 @@ def plot_table(table: str, records: list[dict], out_dir: Path) -> list[str]:
     for norm in dict.fromkeys(c.norm for c in grid):
         paper = reported.values.get(norm)
         if paper:
-            axes[1].plot(sorted(paper), [paper[k] for k in sorted(paper)], marker="s", linestyle="--", label=norm,
-                         color=_color(norm))
+            axes[1].plot(sorted(paper), [paper[k] for k in sorted(paper)], marker="s", linestyle="--",
+                         label=norm, color=_color(norm))
     axes[0].set_title(f"this repository: {table}")
     axes[1].set_title(reported.label)
     for ax in axes:
@@ -297,8 +341,11 @@ def plot_table(table: str, records: list[dict], out_dir: Path) -> list[str]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    names.append(save_figure(fig, out_dir / f"{table}_vs_n"))
+    return fig
 
+
+def _plot_curves(plt, grid: list[Cell]):
+    """Training loss per row (norm), one line per n, mean over the finished seeds."""
     rows = list(dict.fromkeys(c.label for c in grid))
     fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.5), squeeze=False, sharey=True)
     for ax, label in zip(axes[0], rows, strict=True):
@@ -317,9 +364,7 @@ def plot_table(table: str, records: list[dict], out_dir: Path) -> list[str]:
             ax.legend(fontsize=8)
     axes[0][0].set_ylabel("training loss (mean over seeds)")
     fig.tight_layout()
-    names.append(save_figure(fig, out_dir / f"{table}_curves"))
-    plt.close("all")
-    return names
+    return fig
 
 
 def _color(norm: str) -> str:
@@ -341,8 +386,9 @@ def save_figure(fig, stem: Path) -> str:
 def make_tables(records_root: Path, out_dir: Path, plots: bool = True) -> list[Path]:
     """Write out_dir/<table>.md (and its figures) for every table under records_root."""
     written = []
+    tables = load_tables(records_root)  # every record read and checked before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
-    for table, records in sorted(load_tables(records_root).items()):
+    for table, records in sorted(tables.items()):
         figures = plot_table(table, records, out_dir / "figures") if plots else []
         path = out_dir / f"{table}.md"
         path.write_text(render_table(table, records, [f"figures/{f}" for f in figures]))

@@ -18,11 +18,13 @@ def write_run(root: Path, name: str, **summary) -> Path:
     run = root / name
     (run / "hydra").mkdir(parents=True)
     base = {"task": "classification", "experiment": "fmnist", "data": "fmnist", "model": "cifar_resnet20",
-            "device_batch": 32, "world_size": 1, "sgd_batch": 32, "epochs": 3, "iters": 100, "status": "finished",
+            "device_batch": 32, "world_size": 1, "sgd_batch": 32, "epochs": 3, "iters": 100,
+            "status": "finished",
             "device": "CPU test", "git_sha": "abc123", "torch": "2.x", "wall_time_s": 360.0,
             "finished": "2026-11-24T00:00:00+0000", "command": f"train_imagenet.py {name}"}
     (run / "summary.json").write_text(json.dumps({**base, **summary}))
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"iter": i, "train/loss": 2.0 / i}) + "\n" for i in (1, 2, 3)))
+    lines = (json.dumps({"iter": i, "train/loss": 2.0 / i}) + "\n" for i in (1, 2, 3))
+    (run / "metrics.jsonl").write_text("".join(lines))
     (run / "hydra" / "config.yaml").write_text("seed: 0\n")
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.pt").write_bytes(b"not copied")
@@ -122,34 +124,78 @@ def test_make_tables_writes_markdown_and_figures(sweep, tmp_path):
     assert "![fmnist_vs_n](figures/fmnist_vs_n.png)" in md.read_text()
 
 
-def test_script_collects_and_reports_bad_input(sweep, tmp_path):
-    def script(*args):
-        return subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tables.py"), *map(str, args)],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+def script(cwd: Path, *args) -> subprocess.CompletedProcess:
+    """scripts/make_tables.py run as a user runs it, from cwd."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tables.py"), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
 
-    empty = script("--records", tmp_path / "none", "--out", tmp_path / "out")
+
+def test_script_collects_and_reports_bad_input(sweep, tmp_path):
+    empty = script(tmp_path, "--records", tmp_path / "none", "--out", tmp_path / "out")
     assert empty.returncode == 2 and "no records folder" in empty.stderr
-    out = script("--collect", *sorted(sweep.iterdir()), "--records", tmp_path / "rec", "--out", tmp_path / "out",
-                 "--no-plots")
+    out = script(tmp_path, "--collect", *sorted(sweep.iterdir()), "--records", tmp_path / "rec",
+                 "--out", tmp_path / "out", "--no-plots")
     assert out.returncode == 0, out.stderr
-    assert f"wrote {tmp_path / 'out' / 'fmnist.md'}" in out.stdout and not (tmp_path / "out" / "figures").exists()
+    assert f"wrote {tmp_path / 'out' / 'fmnist.md'}" in out.stdout
+    assert not (tmp_path / "out" / "figures").exists()
+
+
+def test_script_names_every_bad_record_and_what_is_wrong(sweep, tmp_path):
+    records = tmp_path / "rec"
+    collect(sorted(sweep.iterdir()), records)
+    truncated = records / "fmnist" / "bn-n2-s0" / "summary.json"
+    truncated.write_text('{"task": "classifi')  # a write cut short
+    no_norm = records / "fmnist" / "mabn-n2-s0" / "summary.json"
+    no_norm.write_text(json.dumps({k: v for k, v in json.loads(no_norm.read_text()).items() if k != "norm"}))
+    listed = records / "fmnist" / "bn-n32-s0" / "summary.json"
+    listed.write_text("[1, 2]")
+    out = script(tmp_path, "--records", records, "--out", tmp_path / "out", "--no-plots")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "3 bad record(s)" in out.stderr
+    assert f"{truncated}: not valid JSON (Unterminated string" in out.stderr
+    assert f"{no_norm}: missing norm (every record needs norm, norm_batch)" in out.stderr
+    assert f"{listed}: expected a JSON object, found list" in out.stderr
+    assert not (tmp_path / "out").exists()
+    # --collect reads a run's summary.json for its experiment: a broken one is named there too
+    (sweep / "bn-n2-s1" / "summary.json").write_text("{")
+    out = script(tmp_path, "--collect", sweep / "bn-n2-s1", "--records", tmp_path / "rec2",
+                 "--out", tmp_path / "o")
+    assert out.returncode == 2 and f"{sweep / 'bn-n2-s1' / 'summary.json'}: not valid JSON" in out.stderr
+
+
+def test_script_writes_the_repository_results_only_from_its_own_records(sweep, tmp_path):
+    collect(sorted(sweep.iterdir()), tmp_path / "rec")
+    before = {p: p.stat().st_mtime_ns for p in (ROOT / "results").rglob("*") if p.is_file()}
+    refused = script(ROOT, "--records", tmp_path / "rec", "--no-plots")
+    assert refused.returncode == 2 and "--out is required with --records" in refused.stderr, refused.stderr
+    inside = script(tmp_path, "--records", tmp_path / "rec", "--out", ROOT / "results" / "mine", "--no-plots")
+    assert inside.returncode == 2 and "inside the repository's" in inside.stderr, inside.stderr
+    # --collect into foreign records without --out copies nothing before refusing
+    collecting = script(tmp_path, "--collect", sweep / "bn-n32-s0", "--records", tmp_path / "new",
+                        "--no-plots")
+    assert collecting.returncode == 2 and not (tmp_path / "new").exists()
+    assert {p: p.stat().st_mtime_ns for p in (ROOT / "results").rglob("*") if p.is_file()} == before
+    assert not (ROOT / "results" / "mine").exists() and not (ROOT / "results" / "fmnist.md").exists()
 
 
 def test_paper_claims_are_checked_from_the_records(tmp_path):
     runs = tmp_path / "runs"
-    errors = {("bn", 2): (18.0, 19.0, 20.0), ("bn", 32): (10.0, 10.5, 11.0), ("mabn", 2): (10.25, 10.75, 11.25),
-              ("brn", 2): (14.0, 15.0, 16.0)}
+    errors = {("bn", 2): (18.0, 19.0, 20.0), ("bn", 32): (10.0, 10.5, 11.0),
+              ("mabn", 2): (10.25, 10.75, 11.25), ("brn", 2): (14.0, 15.0, 16.0)}
     for (norm, n), errs in errors.items():
         for seed, err in enumerate(errs):
             write_run(runs, f"{norm}-n{n}-s{seed}", norm=norm, norm_batch=n, seed=seed, top1=100.0 - err)
     collect(sorted(runs.iterdir()), tmp_path / "records")
     text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
     section = text.split("## The MABN paper's claims, checked on these records")[1].split("## Reported")[0]
-    assert ("- BN@2 worse than BN@32 beyond the seed spread: **yes** — bn@2 19.00 ± 1.00 vs bn@32 10.50 ± 0.50: "
+    assert ("- BN@2 worse than BN@32 beyond the seed spread: **yes** — "
+            "bn@2 19.00 ± 1.00 vs bn@32 10.50 ± 0.50: "
             "gap +8.50, spread 1.50.") in section
-    assert ("- MABN@2 within the seed spread of BN@32: **yes** — mabn@2 10.75 ± 0.50 vs bn@32 10.50 ± 0.50: "
+    assert ("- MABN@2 within the seed spread of BN@32: **yes** — "
+            "mabn@2 10.75 ± 0.50 vs bn@32 10.50 ± 0.50: "
             "gap +0.25, spread 1.00.") in section
-    assert "- BRN@2 between BN@2 and MABN@2 (means): **yes** — brn@2 15.00 ± 1.00; bn 19.00, mabn 10.75." in section
+    assert ("- BRN@2 between BN@2 and MABN@2 (means): **yes** — "
+            "brn@2 15.00 ± 1.00; bn 19.00, mabn 10.75.") in section
     # a claim the records contradict says no; one without two seeds per cell is left out
     for seed in range(3):
         (tmp_path / "records" / "fmnist" / f"mabn-n2-s{seed}" / "summary.json").write_text(json.dumps(
@@ -158,4 +204,5 @@ def test_paper_claims_are_checked_from_the_records(tmp_path):
     (tmp_path / "records" / "fmnist" / "bn-n32-s2" / "summary.json").unlink()
     text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
     assert "BN@2 worse than BN@32" not in text and "MABN@2 within" not in text
-    assert "- BRN@2 between BN@2 and MABN@2 (means): **no** — brn@2 15.00 ± 1.00; bn 19.00, mabn 29.00." in text
+    assert ("- BRN@2 between BN@2 and MABN@2 (means): **no** — "
+            "brn@2 15.00 ± 1.00; bn 19.00, mabn 29.00.") in text
