@@ -31,7 +31,15 @@ install_fmnist() {
     return
   fi
   log "apt-get install dataset-fashion-mnist"
-  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; then
+  # another apt or dpkg (an unattended upgrade, a parallel job) may hold the locks: wait for them, up to 10 min
+  local tries=0 out
+  while ! out=$(apt-get -o DPkg::Lock::Timeout=600 update -qq 2>&1); do  # update ignores the lock timeout
+    printf '%s\n' "$out" >&2
+    grep -q "Could not get lock" <<<"$out" && (( ++tries < 60 )) || break
+    sleep 10
+  done
+  if ! DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq dataset-fashion-mnist \
+      >/dev/null; then
     log "SKIP Fashion-MNIST: apt-get failed (see above); the tests do not need it."
   fi
 }

@@ -17,28 +17,34 @@ import pytest
 from .test_train import TINY
 from .tinydata import make_fmnist_like
 
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one cluster, one worker
+# one cluster, one worker; minutes per test (Debian's packages installed, trainings queued and requeued)
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts" / "slurm_local" / "cluster.sh"
 # one CPU task per job, no GPU line: the local node has 2 CPUs and no GRES
 CPU_JOB = ["launcher.gpus_per_node=null", "launcher.tasks_per_node=1", "launcher.cpus_per_task=1",
            "launcher.mem_gb=null", "launcher.timeout_min=30"]
 LONG = ["train.max_iters_per_epoch=null", "epochs=100", "logger=wandb"]  # 1200 iterations: time to preempt
+# DataLoader workers, as on a real cluster: a stop signal sent to a SLURM job reaches every process of the
+# job step, the loader workers included, and the run must still checkpoint, requeue and resume
+JOB_TINY = [*(arg for arg in TINY if not arg.startswith("data.workers=")), "data.workers=2"]
 
 
 @pytest.fixture(scope="module")
 def slurm():
     """SLURM_CONF and PATH of a running cluster; stopped (jobs cancelled) after the module."""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("a real SLURM needs root and apt-get (Debian's slurmctld, slurmd, munge); this machine "
-                    "has " + ("no root" if os.geteuid() != 0 else "no apt-get"))
-    subprocess.run(["bash", str(CLUSTER), "install"], check=True, timeout=900)
+        pytest.skip("a real SLURM needs root and apt-get (Debian's slurmctld, slurmd, munge); this "
+                    "machine has " + ("no root" if os.geteuid() != 0 else "no apt-get"))
+    # room for apt-get to wait (up to 600 s per call, cluster.sh) for a lock another apt holds
+    subprocess.run(["bash", str(CLUSTER), "install"], check=True, timeout=1500)
     # not under pytest's 0700 temp folders: munged refuses a socket whose parents others cannot traverse
     state = Path(tempfile.mkdtemp(prefix="mabn-slurm-"))
-    started = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True, timeout=180)
+    started = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True,
+                             timeout=180)
     assert started.returncode == 0, started.stderr
-    env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin",
-           "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"),
+           "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     yield env
     subprocess.run(["bash", str(CLUSTER), "stop", str(state)], timeout=180, check=False)
     shutil.rmtree(state, ignore_errors=True)
@@ -57,7 +63,9 @@ def wait_for(predicate, timeout: float, what: str, env=None, output: Path | None
         if value:
             return value
         time.sleep(0.5)
-    state = subprocess.run(["scontrol", "show", "job"], env=env, capture_output=True, text=True).stdout if env else ""
+    state = ""
+    if env:
+        state = subprocess.run(["scontrol", "show", "job"], env=env, capture_output=True, text=True).stdout
     printed = output.read_text()[-3000:] if output is not None and output.exists() else "(no output file)"
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{state}\n{printed}")
 
@@ -88,37 +96,43 @@ def assert_resumed_once(run_dir: Path, iters: int):
 def test_submitit_multirun_two_jobs_and_the_table(slurm, tmp_path, data_root):
     runs = tmp_path / "runs"
     env = {**slurm, "MABN_RUNS": str(runs)}
-    cmd = [sys.executable, str(ROOT / "train_imagenet.py"), "-m", "launcher=slurm", "experiment=fmnist", *TINY,
-           f"data.root={data_root}", "norm=bn,mabn", "batch=2", *CPU_JOB]
+    cmd = [sys.executable, str(ROOT / "train_imagenet.py"), "-m", "launcher=slurm", "experiment=fmnist",
+           *JOB_TINY, f"data.root={data_root}", "norm=bn,mabn", "batch=2", *CPU_JOB]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_dirs = sorted(p for p in runs.iterdir() if p.name.startswith("fmnist-"))
-    assert [p.name for p in run_dirs] == ["fmnist-cifar_resnet20-bn-n2-b8-s0", "fmnist-cifar_resnet20-mabn-n2-b8-s0"]
+    assert [p.name for p in run_dirs] == ["fmnist-cifar_resnet20-bn-n2-b8-s0",
+                                          "fmnist-cifar_resnet20-mabn-n2-b8-s0"]
     for run_dir in run_dirs:
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["status"] == "finished" and summary["experiment"] == "fmnist" and summary["iters"] == 4
+        assert summary["status"] == "finished" and summary["experiment"] == "fmnist"
+        assert summary["iters"] == 4
     logs = sorted((runs / "multirun" / ".submitit").glob("*/*_0_log.out"))  # one SLURM job per cell
     assert len(logs) == 2 and all("done: top1" in p.read_text() for p in logs)
 
-    table = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tables.py"), "--collect", *map(str, run_dirs),
+    table = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tables.py"),
+                            "--collect", *map(str, run_dirs),
                             "--records", str(tmp_path / "records"), "--out", str(tmp_path / "results")],
                            capture_output=True, text=True, timeout=300)
     assert table.returncode == 0, table.stderr
     text = (tmp_path / "results" / "fmnist.md").read_text()
-    assert "| bn | 2 |" in text and "| mabn | 2 |" in text and (tmp_path / "results" / "figures" / "fmnist_vs_n.png").exists()
+    assert "| bn | 2 |" in text and "| mabn | 2 |" in text
+    assert (tmp_path / "results" / "figures" / "fmnist_vs_n.png").exists()
 
 
 def test_submitit_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path, data_root):
     runs = tmp_path / "runs"
     env = {**slurm, "MABN_RUNS": str(runs)}
-    cmd = [sys.executable, str(ROOT / "train_imagenet.py"), "-m", "launcher=slurm", "experiment=fmnist", *TINY,
-           f"data.root={data_root}", "norm=mabn", "batch=2", *CPU_JOB, *LONG]
-    sweep = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, str(ROOT / "train_imagenet.py"), "-m", "launcher=slurm", "experiment=fmnist",
+           *JOB_TINY, f"data.root={data_root}", "norm=mabn", "batch=2", *CPU_JOB, *LONG]
+    sweep = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
     try:
         run_dir = runs / "fmnist-cifar_resnet20-mabn-n2-b8-s0"
         wait_for(lambda: last_iter(run_dir) >= 20, 300, "the job to train 20 iterations", env)
         (job,) = jobs(env)
-        # what SLURM sends ahead of a time limit to a submitit job (--signal=USR2@...), and what preemption uses
+        # what SLURM sends ahead of a time limit to a submitit job (--signal=USR2@...), and what preemption
+        # uses; to every process of the step, the loader workers too
         subprocess.run(["scancel", "--signal=USR2", job], env=env, check=True)
         output, _ = sweep.communicate(timeout=900)
     finally:
@@ -136,16 +150,17 @@ def test_sbatch_wrapper_ddp_preemption_requeues_and_resumes(slurm, tmp_path, dat
     env = {**slurm, "MABN_RUNS": str(runs), "PY": sys.executable}
     out_file = tmp_path / "job.out"
     submit = subprocess.run(
-        ["sbatch", "--parsable", "--ntasks-per-node=2", f"--output={out_file}", str(ROOT / "scripts" / "sbatch" / "train.sbatch"),
-         "train_imagenet.py", "experiment=fmnist", *TINY, f"data.root={data_root}", "norm=bn", "batch=2", *LONG],
+        ["sbatch", "--parsable", "--ntasks-per-node=2", f"--output={out_file}",
+         str(ROOT / "scripts" / "sbatch" / "train.sbatch"), "train_imagenet.py", "experiment=fmnist",
+         *JOB_TINY, f"data.root={data_root}", "norm=bn", "batch=2", *LONG],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     job = submit.stdout.strip().split(";")[0]
     run_dir = runs / "fmnist-cifar_resnet20-bn-n2-b8-s0"
     try:
         wait_for(lambda: last_iter(run_dir) >= 20, 300, "the job to train 20 iterations", env, out_file)
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
-        wait_for(lambda: (run_dir / "summary.json").exists() and job not in jobs(env), 900, "the requeued job to finish",
-                 env, out_file)
+        wait_for(lambda: (run_dir / "summary.json").exists() and job not in jobs(env), 900,
+                 "the requeued job to finish", env, out_file)
     finally:
         subprocess.run(["scancel", job], env=env, check=False)
     text = out_file.read_text()

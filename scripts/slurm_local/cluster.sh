@@ -22,14 +22,33 @@ PKGS=(slurmctld slurmd slurm-client munge)
 # Debian installs the daemons in /usr/sbin, which may not be on a non-login PATH.
 export PATH="$PATH:/usr/sbin:/sbin"
 
+# How long apt-get waits for locks another apt or dpkg holds (a machine's unattended upgrades, another
+# install running beside the tests). DPkg::Lock::Timeout covers dpkg's locks only: apt 2.6 still refuses at
+# once when the lists lock (apt-get update) or the archives lock (downloads) is held, so apt_get retries a
+# refusal that names a lock until the same deadline.
+APT_LOCK_WAIT=${SLURM_LOCAL_APT_LOCK_WAIT:-600}
+
 log() { echo "[slurm_local] $*" >&2; }
 die() { echo "[slurm_local] ERROR: $*" >&2; exit 1; }
+
+apt_get() {  # apt-get "$@" that waits up to APT_LOCK_WAIT s in all for locks held by another apt or dpkg
+    local t0=$SECONDS out rc
+    while true; do
+        rc=0
+        out=$(apt-get -o "DPkg::Lock::Timeout=$APT_LOCK_WAIT" "$@" 2>&1) || rc=$?
+        printf '%s\n' "$out"
+        (( rc != 0 )) || return 0
+        grep -q "Could not get lock" <<<"$out" && (( SECONDS - t0 < APT_LOCK_WAIT )) || return "$rc"
+        log "apt-get $1: another apt or dpkg holds a lock; retrying in 5 s"
+        sleep 5
+    done
+}
 
 need_root() { [[ $(id -u) -eq 0 ]] || die "must run as root (daemons run as root, install uses apt-get)"; }
 
 cmd_install() {
     need_root
-    command -v apt-get >/dev/null || die "apt-get not found: only Debian/Ubuntu (Debian 12, slurm 22.05) is supported"
+    command -v apt-get >/dev/null || die "apt-get not found: only Debian/Ubuntu (Debian 12, slurm 22.05)"
     local missing=() p
     for p in "${PKGS[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -45,12 +64,13 @@ cmd_install() {
     # Refresh the package lists only when there are none, or when the first attempt fails.
     if ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null; then
         log "apt-get update"
-        apt-get update -qq >>"$aptlog" 2>&1 || { cat "$aptlog" >&2; die "apt-get update failed"; }
+        apt_get update -qq >>"$aptlog" 2>&1 || { cat "$aptlog" >&2; die "apt-get update failed"; }
     fi
     log "apt-get install ${missing[*]}"
-    if ! apt-get install "${apt_opts[@]}" "${missing[@]}" >>"$aptlog" 2>&1; then
+    if ! apt_get install "${apt_opts[@]}" "${missing[@]}" >>"$aptlog" 2>&1; then
         log "install failed, retrying after apt-get update"
-        if ! { apt-get update -qq && apt-get install "${apt_opts[@]}" "${missing[@]}"; } >>"$aptlog" 2>&1; then
+        if ! { apt_get update -qq && apt_get install "${apt_opts[@]}" "${missing[@]}"; } >>"$aptlog" 2>&1
+        then
             cat "$aptlog" >&2; die "apt-get install failed (log: $aptlog)"
         fi
     fi
@@ -116,7 +136,8 @@ cmd_start() {
     local conf="$DIR/slurm.conf"
     export SLURM_CONF="$conf"
 
-    if pid_alive "$DIR/slurmctld.pid" slurmctld >/dev/null && pid_alive "$DIR/slurmd.pid" slurmd >/dev/null; then
+    if pid_alive "$DIR/slurmctld.pid" slurmctld >/dev/null && pid_alive "$DIR/slurmd.pid" slurmd >/dev/null
+    then
         log "cluster in $DIR already running"
         echo "export SLURM_CONF=$conf"
         return 0
