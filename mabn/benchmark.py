@@ -1,4 +1,4 @@
-"""What the benchmarks (scripts/bench_*.py) share: timing, memory, the environment line, and their JSON records.
+"""What the benchmarks (scripts/bench_*.py) share: timing, memory, the environment line, their JSON records.
 
 A benchmark times every candidate and its baseline in the same process, one after another, and reports
 medians of several repeats and ratios to the baseline; results/performance.md is rendered from the JSON
@@ -74,7 +74,8 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, repeats: int, war
         fn()
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": repeats}
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "repeats": repeats}
 
 
 def saved_for_backward_mb(fn: Callable[[], object]) -> float:
@@ -106,7 +107,8 @@ def cuda_peak_mb(fn: Callable[[], object], device: torch.device) -> float | None
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def write_record(path: Path | str, benchmark: str, device: torch.device, settings: dict, rows: list[dict]) -> Path:
+def write_record(path: Path | str, benchmark: str, device: torch.device, settings: dict,
+                 rows: list[dict]) -> Path:
     """Write one benchmark's JSON record (what make_performance.py renders) and return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +154,8 @@ def parser(doc: str, name: str, *, repeats: int, warmup: int) -> argparse.Argume
     """The options every benchmark takes: device, dtype, memory format, repeats, warm-up, record path."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16")
     p.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--repeats", type=int, default=repeats)
     p.add_argument("--warmup", type=int, default=warmup)

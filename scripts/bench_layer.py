@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mabn.benchmark import (  # noqa: E402
+from mabn.benchmark import (
     channels_last_for,
     cuda_peak_mb,
     parser,
@@ -33,8 +29,8 @@ from mabn.benchmark import (  # noqa: E402
     saved_for_backward_mb,
     time_ms,
 )
-from mabn.norms import build_norm  # noqa: E402
-from mabn.norms.registry import NormContext  # noqa: E402
+from mabn.norms import build_norm
+from mabn.norms.registry import NormContext
 
 # (channels, height = width, how many of ResNet-50's 53 norm layers have this shape) at 224 px input; the
 # "all" rows weight each shape's time by its count: the norm layers' share of one ResNet-50 step
@@ -95,7 +91,8 @@ class NaiveMABN2d(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to(device/dtype) moves the plain-tensor state too
         super()._apply(fn, recurse)
-        self.running_var, self.ring_x2, self.ring_gz = fn(self.running_var), fn(self.ring_x2), fn(self.ring_gz)
+        self.running_var, self.ring_x2 = fn(self.running_var), fn(self.ring_x2)
+        self.ring_gz = fn(self.ring_gz)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -128,7 +125,7 @@ def candidates(norm_batch: int, batch: int, window: int) -> list[tuple[str, int,
 
 
 def _train_step(layer: nn.Module, x: Tensor, dy: Tensor, n: int, naive: bool, device, dtype):
-    """Forward then backward of one layer (the naive baseline: group by group), under autocast for half types."""
+    """Forward then backward of one layer (the naive baseline: group by group), autocast for half types."""
 
     def step():
         x.grad = None
@@ -161,7 +158,8 @@ def run(args) -> list[dict]:
     layers = sum(count for *_, count in shapes)
     for channels, size, count in shapes:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.randn(args.batch, channels, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        x = torch.randn(args.batch, channels, size, size, device=device, dtype=dtype)
+        x = x.contiguous(memory_format=fmt)
         x.requires_grad_(True)
         dy = torch.randn_like(x)
         base = None
@@ -180,7 +178,8 @@ def run(args) -> list[dict]:
             base = base or row["ms"]
             row["ratio"] = row["ms"] / base
             rows.append(row)
-            total = totals.setdefault((label, n), {"shape": f"{args.shapes} (all {layers})", "norm": label, "n": n, "ms": 0.0})
+            total = totals.setdefault((label, n), {"shape": f"{args.shapes} (all {layers})", "norm": label,
+                                                   "n": n, "ms": 0.0})
             total["ms"] += count * row["ms"]
     base_total = totals[("torch-bn", args.batch)]["ms"]
     for total in totals.values():
@@ -196,7 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=16, help="MABN window m (the paper's 16 at n = 2)")
     p.add_argument("--shapes", default="resnet50", choices=["resnet50", "small"])
     args = p.parse_args(argv)
-    return run_and_record(p, args, "layer", run, settings=["batch", "norm_batch", "window", "shapes", "repeats", "warmup"],
+    return run_and_record(p, args, "layer", run,
+                          settings=["batch", "norm_batch", "window", "shapes", "repeats", "warmup"],
                           columns=["shape", "norm", "n", "ms", "ratio", "saved_mb", "cuda_peak_mb"])
 
 

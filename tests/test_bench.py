@@ -1,5 +1,5 @@
-"""The benchmarks: their eager baseline is a correct MABN, they run end to end on CPU, and results/performance.md
-is rendered from their records only."""
+"""The benchmarks: their eager baseline is a correct MABN, they run end to end on CPU, and
+results/performance.md is rendered from their records only."""
 
 import importlib.util
 import json
@@ -51,40 +51,47 @@ def test_naive_baseline_is_the_grouped_mabn(n):
 
 
 def _run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_benchmarks_run_and_render(tmp_path):
     """Tiny settings of the three benchmarks on CPU, then the page: every table row and target is there."""
     out = tmp_path / "performance"
-    layer = _run("scripts/bench_layer.py", "--device", "cpu", "--shapes", "small", "--batch", "4", "--norm-batch", "2",
-                 "--repeats", "1", "--warmup", "1", "--out", out / "layer.json")
+    layer = _run("scripts/bench_layer.py", "--device", "cpu", "--shapes", "small", "--batch", "4",
+                 "--norm-batch", "2", "--repeats", "1", "--warmup", "1", "--out", out / "layer.json")
     assert layer.returncode == 0, layer.stderr
     assert "naive-mabn" in layer.stdout and "record:" in layer.stdout
-    model = _run("scripts/bench_model.py", "--device", "cpu", "--model", "cifar_resnet20", "--image-size", "8",
-                 "--batches", "4", "--norm-batches", "2,4", "--repeats", "1", "--warmup", "1", "--out", out / "model.json")
+    model = _run("scripts/bench_model.py", "--device", "cpu", "--model", "cifar_resnet20",
+                 "--image-size", "8", "--batches", "4", "--norm-batches", "2,4", "--repeats", "1",
+                 "--warmup", "1", "--out", out / "model.json")
     assert model.returncode == 0, model.stderr
-    infer = _run("scripts/bench_inference.py", "--device", "cpu", "--model", "cifar_resnet20", "--image-size", "8",
-                 "--batches", "1,4", "--repeats", "1", "--warmup", "1", "--out", out / "inference.json")
+    infer = _run("scripts/bench_inference.py", "--device", "cpu", "--model", "cifar_resnet20",
+                 "--image-size", "8", "--batches", "1,4", "--repeats", "1", "--warmup", "1",
+                 "--out", out / "inference.json")
     assert infer.returncode == 0, infer.stderr
     page = tmp_path / "performance.md"
     render = _run("scripts/make_performance.py", "--records", out, "--out", page)
     assert render.returncode == 0, render.stderr
     text = page.read_text()
 
-    records = {name: json.loads((out / f"{name}.json").read_text()) for name in ("layer", "model", "inference")}
-    assert {r["norm"] for r in records["layer"]["rows"]} == {"torch-bn", "bn", "brn", "mabn", "gn", "naive-mabn"}
+    records = {name: json.loads((out / f"{name}.json").read_text())
+               for name in ("layer", "model", "inference")}
+    assert {r["norm"] for r in records["layer"]["rows"]} == \
+        {"torch-bn", "bn", "brn", "mabn", "gn", "naive-mabn"}
     modes = {(r["norm"], r["mode"]) for r in records["model"]["rows"]}
-    assert ("mabn", "grouped") in modes and ("mabn", "true small batch") in modes and ("gn", "batch-free") in modes
+    assert {("mabn", "grouped"), ("mabn", "true small batch"), ("gn", "batch-free")} <= modes
     assert {(r["norm"], r["folded"], r["batch"]) for r in records["inference"]["rows"]} == {
         (n, f, b) for n, f in (("bn", True), ("mabn", True), ("gn", False), ("bn", False)) for b in (1, 4)}
     for record in records.values():
-        assert record["environment"]["device"].startswith("CPU") and record["environment"]["torch"] == torch.__version__
+        env = record["environment"]
+        assert env["device"].startswith("CPU") and env["torch"] == torch.__version__
         assert f"`{record['environment']['command']}`" in text
     # the CPU target is judged, the GPU targets stay open on a CPU record
     assert "| CPU: mabn layer forward+backward <= 2x nn.BatchNorm2d (n=2) |" in text
     assert text.count("open: GPU target, this record ran on CPU") >= 5
-    speedup = next(r["speedup"] for r in records["model"]["rows"] if r["norm"] == "mabn" and r["mode"] == "grouped")
+    speedup = next(r["speedup"] for r in records["model"]["rows"]
+                   if r["norm"] == "mabn" and r["mode"] == "grouped")
     assert f"{speedup:.1f}x" in text  # numbers on the page are the record's
 
 
@@ -95,8 +102,8 @@ def test_make_performance_without_records(tmp_path):
 
 
 def test_bad_benchmark_arguments_are_named():
-    res = _run("scripts/bench_layer.py", "--device", "cpu", "--shapes", "small", "--batch", "4", "--norm-batch", "3",
-               "--out", "/dev/null")
+    res = _run("scripts/bench_layer.py", "--device", "cpu", "--shapes", "small", "--batch", "4",
+               "--norm-batch", "3", "--out", "/dev/null")
     assert res.returncode != 0 and "--norm-batch 3 must divide --batch 4" in res.stderr
     res = _run("scripts/bench_model.py", "--batches", "32,x")
     assert res.returncode != 0 and "expected comma-separated integers, got '32,x'" in res.stderr

@@ -11,8 +11,8 @@ SCRIPTS = sorted(p.name for p in (ROOT / "scripts/sweeps").glob("*.sh") if p.nam
 
 
 def _dry_run(script, **env):
-    res = subprocess.run(["bash", f"scripts/sweeps/{script}"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "DRY_RUN": "1", "PY": "python", **env})
+    res = subprocess.run(["bash", f"scripts/sweeps/{script}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "DRY_RUN": "1", "PY": "python", **env})
     assert res.returncode == 0, res.stderr
     return [line[2:] for line in res.stdout.splitlines() if line.startswith("+ ")]
 
@@ -20,12 +20,14 @@ def _dry_run(script, **env):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sweep_scripts_print_their_multiruns(script):
     commands = _dry_run(script, SLURM_PARTITION="gpu", SLURM_TIME_MIN="90")
-    assert commands and all(" -m launcher=slurm " in c and c.endswith("launcher.timeout_min=90") for c in commands)
+    assert commands
+    assert all(" -m launcher=slurm " in c and c.endswith("launcher.timeout_min=90") for c in commands)
     assert all(c.startswith("SLURM_PARTITION=gpu python ") for c in commands)
 
 
 def test_cpu_reproduction_order_and_cells():
     commands = _dry_run("fmnist_cpu.sh", LAUNCHER="joblib", JOBS="2")
-    assert [c.split("batch=")[1].split()[0] for c in commands] == ["2,32", "1", "4,8"]  # the claim's cells first
+    # the cells of the paper's claim first
+    assert [c.split("batch=")[1].split()[0] for c in commands] == ["2,32", "1", "4,8"]
     assert "norm=bn,gn,brn,mabn" in commands[0] and all("norm=bn,brn,mabn" in c for c in commands[1:])
     assert all(c.endswith("launcher.n_jobs=2") and "experiment=fmnist_cpu" in c for c in commands)

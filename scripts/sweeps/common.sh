@@ -1,6 +1,6 @@
 # Sourced by the sweep scripts: cluster settings from the environment or a git-ignored local file, and a
 # `sweep` function that prints the exact command it submits, then runs it (DRY_RUN=1: print only).
-#   SLURM_PARTITION, SLURM_ACCOUNT   -> hydra.launcher.partition / account (read by configs/launcher/slurm.yaml)
+#   SLURM_PARTITION, SLURM_ACCOUNT   -> hydra.launcher.partition / account (configs/launcher/slurm.yaml)
 #   SLURM_TIME_MIN                   -> launcher.timeout_min (per job; requeued at the limit)
 #   LAUNCHER=local                   -> run the cells one after another here instead of submitting them
 #   LAUNCHER=joblib JOBS=8           -> run 8 cells at a time here (small runs sharing one GPU); unless
@@ -27,7 +27,9 @@ sweep() {  # sweep ENTRY_SCRIPT OVERRIDE... : one Hydra multirun, one job per ce
       echo "note: SLURM_PARTITION is not set; the cluster's default partition is used" >&2
     fi
   fi
-  echo "+ ${SLURM_PARTITION:+SLURM_PARTITION=$SLURM_PARTITION }${SLURM_ACCOUNT:+SLURM_ACCOUNT=$SLURM_ACCOUNT }${cmd[*]}"
+  local env_shown="${SLURM_PARTITION:+SLURM_PARTITION=$SLURM_PARTITION }"
+  env_shown+="${SLURM_ACCOUNT:+SLURM_ACCOUNT=$SLURM_ACCOUNT }"
+  echo "+ $env_shown${cmd[*]}"
   [ "${DRY_RUN:-0}" = 1 ] && return 0
   SLURM_PARTITION=${SLURM_PARTITION:-} SLURM_ACCOUNT=${SLURM_ACCOUNT:-} "${cmd[@]}"
 }
