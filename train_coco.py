@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -18,13 +17,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mabn import dist
-from mabn.config import ConfigError, normalize_batch_override, validate_detection
-from mabn.preemption import EXIT_PREEMPTED, StopSignals, end_job
-from mabn.records import RunRecorder, git_sha, hardware
-
-EXIT_NONFINITE, EXIT_CONFIG = 3, 2
-_COMMAND = " ".join(sys.argv)  # as typed, before the batch=N rewrite
+from mabn import dist, rundir
+from mabn.config import BatchPlan, ConfigError, validate_detection
+from mabn.entry import EXIT_NONFINITE, RunFacts, amp_dtype, config_failure, finish, run_job
+from mabn.optim import linear_scaled_lr
+from mabn.preemption import EXIT_PREEMPTED, StopSignals
+from mabn.records import RunRecorder
 
 
 def _scaled_schedule(cfg: DictConfig, sgd_batch: int) -> tuple[float, dict]:
@@ -32,11 +30,11 @@ def _scaled_schedule(cfg: DictConfig, sgd_batch: int) -> tuple[float, dict]:
     every iteration count / k for k = SGD batch / optim.base_batch. Returns (lr, Schedule fields)."""
     k = sgd_batch / cfg.optim.base_batch
     iters = lambda n: max(1, round(n / k))  # noqa: E731
-    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * k
-    return lr, {"max_iter": iters(cfg.solver.max_iter), "steps": tuple(iters(s) for s in cfg.solver.steps),
-                "warmup_iters": round(cfg.solver.warmup_iters / k), "warmup_factor": cfg.solver.warmup_factor,
-                "gamma": cfg.solver.gamma, "ckpt_period": iters(cfg.train.ckpt_period),
-                "eval_period": iters(cfg.train.eval_period), "log_period": cfg.train.log_period}
+    return linear_scaled_lr(cfg.optim, sgd_batch), {
+        "max_iter": iters(cfg.solver.max_iter), "steps": tuple(iters(s) for s in cfg.solver.steps),
+        "warmup_iters": round(cfg.solver.warmup_iters / k), "warmup_factor": cfg.solver.warmup_factor,
+        "gamma": cfg.solver.gamma, "ckpt_period": iters(cfg.train.ckpt_period),
+        "eval_period": iters(cfg.train.eval_period), "log_period": cfg.train.log_period}
 
 
 @hydra.main(config_path="configs", config_name="train_coco", version_base="1.3")
@@ -47,141 +45,135 @@ def main(cfg: DictConfig) -> int:
     world = ranks_from_env[1] if ranks_from_env else cfg.train.num_gpus
     use_cuda = torch.cuda.is_available() if cfg.train.device == "auto" else cfg.train.device == "cuda"
     try:
-        validate_detection(cfg, world, "cuda" if use_cuda else "cpu")
+        plan = validate_detection(cfg, world, "cuda" if use_cuda else "cpu")
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return end_job(EXIT_CONFIG)
+        return finish(config_failure(err, Path(cfg.run.dir)))
     if ranks_from_env:  # torchrun or SLURM started one process per device
         from mabn.d2 import engine
 
         info = dist.init_distributed(cfg.train.device)
         engine.create_local_process_group(dist.local_world_size())
-        code = _worker(cfg, info, experiment)
+        code = _worker(cfg, plan, info, experiment)
     elif world > 1:  # detectron2's launch() starts the processes on this machine
         from mabn.d2 import engine
 
-        code = engine.launch(_spawned_worker, world, args=(cfg, experiment))
+        code = engine.launch(_spawned_worker, world, args=(cfg, plan, experiment))
     else:
-        code = _worker(cfg, dist.init_distributed(cfg.train.device), experiment)
-    return end_job(code)
+        code = _worker(cfg, plan, dist.init_distributed(cfg.train.device), experiment)
+    return finish(code)
 
 
-def _spawned_worker(cfg: DictConfig, experiment: str | None) -> None:
-    code = _worker(cfg, dist.info_from_process_group(cfg.train.device, cfg.train.num_gpus), experiment)
+def _spawned_worker(cfg: DictConfig, plan: BatchPlan, experiment: str | None) -> None:
+    code = _worker(cfg, plan, dist.info_from_process_group(cfg.train.device, cfg.train.num_gpus), experiment)
     if code:
         sys.exit(code)
 
 
-def _worker(cfg: DictConfig, info: dist.DistInfo, experiment: str | None) -> int:
-    stops = StopSignals()
-    try:
-        code = run(cfg, info, stops, experiment)
-    except ConfigError as err:  # found while building (ImageNet weights of another norm)
-        print(f"config error: {err}", file=sys.stderr)
-        code = EXIT_CONFIG
-    finally:
-        dist.cleanup()
-    if code == EXIT_PREEMPTED:
-        stops.hand_over()  # inside submitit: its handler requeues the job now that the checkpoint is written
-    return code
+def _worker(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, experiment: str | None) -> int:
+    return run_job(lambda stops: run(cfg, plan, info, stops, experiment), Path(cfg.run.dir))
 
 
-def run(cfg: DictConfig, info: dist.DistInfo, stops: StopSignals, experiment: str | None = None) -> int:
+def _claim(cfg: DictConfig, info: dist.DistInfo) -> None:
+    """The run directory is this run's (mabn.rundir) before the data set is generated or the model built;
+    detectron2's checkpointer then resumes from its last_checkpoint file."""
+    run_dir, error = Path(cfg.run.dir), None
+    if info.is_main:
+        try:
+            rundir.check_writable(run_dir)
+            has = (run_dir / "checkpoints" / "last_checkpoint").is_file()
+            for notice in rundir.claim(run_dir, OmegaConf.to_container(cfg, resolve=True), has_checkpoint=has,
+                                       resume=cfg.run.resume, overwrite=cfg.run.overwrite):
+                print(notice, flush=True)
+        except ConfigError as err:
+            error = str(err)
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise ConfigError(error)
+
+
+def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignals, experiment: str | None = None
+        ) -> int:
     from mabn.d2 import data as d2data
     from mabn.d2 import engine
-    from mabn.d2.model import build_mask_rcnn
-    from mabn.data.detection import ShapesSpec, check_coco_root, make_shapes
-    from mabn.norms import NormContext, build_norm
-    from mabn.optim import build_optimizer
 
-    sha = git_sha()  # the code this process runs, read before anything can change it
-    run_dir = Path(cfg.run.dir)
+    _claim(cfg, info)
+    run_dir, device, data = Path(cfg.run.dir), info.device, cfg.data
     engine.setup(run_dir, info.rank, cfg.seed + info.rank)
-    device = info.device
-    n = cfg.batch.norm_batch
-    sgd_batch = n * info.world_size
-    lr, sched = _scaled_schedule(cfg, sgd_batch)
+    plan = BatchPlan(plan.norm_batch, plan.device_batch, info.world_size)
+    lr, sched = _scaled_schedule(cfg, plan.sgd_batch)
     schedule = engine.Schedule(**sched)
-    amp_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
-                 "fp16": torch.float16, "off": None}[cfg.train.amp]
-
-    data = cfg.data
-    if data.name == "shapes":
-        spec = ShapesSpec(num_train=data.num_train, num_val=data.num_val, image_size=data.image_size)
-        if info.is_main:
-            make_shapes(data.root, spec)
-        dist.barrier()
-        splits = make_shapes(data.root, spec)  # already there: returns the paths
-    else:
-        splits = check_coco_root(data.root)
-    train_name = d2data.register_coco(f"mabn_{data.name}_train", *splits["train"])
-    val_name = d2data.register_coco(f"mabn_{data.name}_val", *splits["val"])
-    fmt = cfg.model.input_format
-    train_mapper = d2data.mapper(is_train=True, min_size=data.min_size_train, max_size=data.max_size_train,
-                                 image_format=fmt, mask_format=data.mask_format)
-    test_mapper = d2data.mapper(is_train=False, min_size=data.min_size_test, max_size=data.max_size_test,
-                                image_format=fmt, mask_format=data.mask_format)
-
-    norm_cfg = OmegaConf.to_container(cfg.norm, resolve=True)
-    recipe = build_norm(norm_cfg, NormContext(norm_batch=n, device_batch=n, world_size=info.world_size,
-                                              total_iters=schedule.max_iter))
-    model_opts = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-    try:
-        model = build_mask_rcnn(recipe, num_classes=data.num_classes, **model_opts).to(device)
-    except ValueError as err:  # ImageNet weights that do not fit this backbone (another norm, no centring)
-        raise ConfigError(f"model.weights={cfg.model.weights}: {err}") from err
-    optimizer = build_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True), lr)
+    train_name, val_name = d2data.register_splits(data, is_main=info.is_main)
+    train_mapper, test_mapper = d2data.mappers(data, cfg.model.input_format)
+    model, optimizer, recipe = _build(cfg, plan, schedule.max_iter, lr, device)
     recorder = RunRecorder(run_dir, enabled=info.is_main, wandb_cfg=OmegaConf.to_container(cfg.logger),
                            config=OmegaConf.to_container(cfg, resolve=True), name=cfg.run.name)
+    facts = RunFacts(task="detection", experiment=experiment, data=data.name, model=cfg.model.name,
+                     norm=cfg.norm.name, norm_params=dict(recipe.params), norm_batch=plan.norm_batch,
+                     device_batch=plan.device_batch, batch_mode="device", world_size=info.world_size,
+                     sgd_batch=plan.sgd_batch, lr=lr, seed=cfg.seed, iters=schedule.max_iter,
+                     weights=cfg.model.weights, freeze_at=cfg.model.freeze_at, device_obj=device,
+                     amp=str(amp_dtype(cfg.train.amp, device)), wandb_id=recorder.wandb_id, run_dir=str(run_dir),
+                     detectron2=engine.detectron2_version())
 
     def stop_requested() -> bool:  # the same step on every rank
-        flag = torch.tensor([float(stops.requested)], device=device)
-        return bool(dist.all_reduce_sum(flag).item() > 0)
+        return bool(dist.all_reduce_sum(torch.tensor([float(stops.requested)], device=device)).item() > 0)
 
     stops.install()
     if info.is_main:
-        print(f"run {run_dir}: norm={cfg.norm.name} {n} images/device x {info.world_size} = SGD batch "
-              f"{sgd_batch}, lr {lr:g}, {schedule.max_iter} iterations, {hardware(device)}", flush=True)
+        print(f"run {run_dir}: norm={cfg.norm.name} {plan.norm_batch} images/device x {info.world_size} = SGD "
+              f"batch {plan.sgd_batch}, lr {lr:g}, {schedule.max_iter} iterations, {facts()['device']}", flush=True)
     result = engine.fit(
         model, optimizer,
         train_loader=lambda start: d2data.train_loader(
-            train_name, train_mapper, images_per_device=n, world_size=info.world_size, seed=cfg.seed,
-            start_iter=start, workers=data.workers),
+            train_name, train_mapper, images_per_device=plan.norm_batch, world_size=info.world_size,
+            seed=cfg.seed, start_iter=start, workers=data.workers),
         evaluate=lambda m: d2data.evaluate_coco(m, val_name, test_mapper, str(run_dir / "inference")),
-        schedule=schedule, output_dir=run_dir, amp_dtype=amp_dtype, wandb_run=recorder.wandb,
-        resume=cfg.run.resume, on_resume=lambda start: recorder.truncate_after(start - 1, key="iteration"),
+        schedule=schedule, output_dir=run_dir, amp_dtype=amp_dtype(cfg.train.amp, device),
+        wandb_run=recorder.wandb, resume=cfg.run.resume,
+        on_resume=lambda start: recorder.truncate_after(start - 1, key="iteration"),
         stop_requested=stop_requested, stop_after=cfg.train.stop_after_iters, preempted_code=EXIT_PREEMPTED,
         nonfinite_code=EXIT_NONFINITE)
-    facts = {
-        "task": "detection", "experiment": experiment, "data": data.name, "model": cfg.model.name,
-        "norm": cfg.norm.name, "norm_params": dict(recipe.params), "norm_batch": n, "device_batch": n,
-        "batch_mode": "device", "world_size": info.world_size, "sgd_batch": sgd_batch, "lr": lr, "seed": cfg.seed,
-        "iters": schedule.max_iter, "weights": cfg.model.weights, "freeze_at": cfg.model.freeze_at,
-        "wall_time_s": round(result.elapsed_s, 1), "device": hardware(device), "amp": str(amp_dtype),
-        "git_sha": sha, "wandb_id": recorder.wandb_id, "torch": torch.__version__,
-        "detectron2": engine.detectron2_version(), "command": _COMMAND, "run_dir": str(run_dir),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _summarize(result, recorder, facts, info)
+    return result.exit_code
+
+
+def _build(cfg: DictConfig, plan: BatchPlan, max_iter: int, lr: float, device: torch.device):
+    """Mask R-CNN with the configured norm (mabn.d2.model) and its optimizer."""
+    from mabn.d2.model import build_mask_rcnn
+    from mabn.norms import build_norm
+    from mabn.optim import build_optimizer
+
+    recipe = build_norm(OmegaConf.to_container(cfg.norm, resolve=True), plan.norm_context(max_iter))
+    options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+    try:
+        model = build_mask_rcnn(recipe, num_classes=cfg.data.num_classes, **options).to(device)
+    except ValueError as err:  # ImageNet weights that do not fit this backbone (another norm, no centring)
+        raise ConfigError(f"model.weights={cfg.model.weights}: {err}") from err
+    return model, build_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True), lr), recipe
+
+
+def _summarize(result, recorder: RunRecorder, facts: RunFacts, info: dist.DistInfo) -> None:
+    """summary.json for a finished or diverged run (a stopped one writes none: it is not over)."""
+    ckpt = Path(facts.facts["run_dir"]) / "checkpoints" / "last_checkpoint"
+    common = {"wall_time_s": round(result.elapsed_s, 1), "checkpoint": str(ckpt) if ckpt.is_file() else None}
     if result.status != "finished":
         print(("error: " if result.status == "nonfinite" else "") + result.message,
               file=sys.stderr if result.status == "nonfinite" else sys.stdout, flush=True)
         if result.status == "nonfinite":  # a record of the divergence; the last good checkpoint stays
-            recorder.write_summary({**facts, "status": "diverged", "error": result.message,
-                                    "bbox_AP": None, "segm_AP": None})
+            recorder.write_summary(facts(**common, status="diverged", error=result.message, bbox_AP=None,
+                                         segm_AP=None))
         recorder.close()
-        return result.exit_code
-
+        return
     # detectron2 reports NaN when the model made no prediction at all; the record says null
     ap = {task: {k: round(float(v), 3) if math.isfinite(v) else None for k, v in result.metrics.get(task, {}).items()}
           for task in ("bbox", "segm")}
-    recorder.write_summary({**facts, "status": "finished", "bbox_AP": ap["bbox"].get("AP"),
-                            "segm_AP": ap["segm"].get("AP"), "bbox": ap["bbox"], "segm": ap["segm"]})
+    recorder.write_summary(facts(**common, status="finished", bbox_AP=ap["bbox"].get("AP"),
+                                 segm_AP=ap["segm"].get("AP"), bbox=ap["bbox"], segm=ap["segm"]))
     recorder.close()
     if info.is_main:
-        print(f"done: box AP {ap['bbox'].get('AP')} mask AP {ap['segm'].get('AP')}; records in {run_dir}",
+        print(f"done: box AP {ap['bbox'].get('AP')} mask AP {ap['segm'].get('AP')}; records in {recorder.run_dir}",
               flush=True)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.argv = normalize_batch_override(sys.argv)
     main()

@@ -1,14 +1,12 @@
 #!/usr/bin/env python
 """ResNet training with a chosen norm and normalization batch: ``python train_imagenet.py norm=mabn batch=2``.
 
-Validate the config -> build data, model, optimizer -> resume if the run directory has a checkpoint -> loop
-(engine.train_one_epoch / engine.evaluate) -> summary.json. Orchestrates; computes nothing itself.
+Validate the config -> claim the run directory (resume its checkpoint, or refuse another run's) -> build
+data, model, optimizer -> mabn.loop.TrainLoop -> summary.json. Orchestrates; computes nothing itself.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
 import sys
 import time
 from pathlib import Path
@@ -19,271 +17,178 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mabn import checkpoint as ckpt
-from mabn import dist
-from mabn.config import ConfigError, normalize_batch_override, validate
-from mabn.data.loaders import build_datasets, build_loaders, iters_per_epoch
+from mabn import dist, rundir
+from mabn.checkpoint import Checkpoint, Checkpointer
+from mabn.checkpoint import read as read_checkpoint
+from mabn.config import BatchPlan, ConfigError, validate
+from mabn.data import dataset_spec
+from mabn.data.loaders import build_datasets, build_loaders, iters_per_epoch, skipped_images
 from mabn.diagnostics import BatchStatsTracer
-from mabn.engine import NonFiniteLossError, StepContext, evaluate, train_one_epoch
+from mabn.engine import StepContext
+from mabn.entry import RunFacts, amp_dtype, config_failure, finish, precise_bn_seed, run_job
+from mabn.loop import Outcome, Parts, Settings, TrainLoop
 from mabn.models import build_model
-from mabn.norms import NormContext, batch_dependent_types, build_norm, center_conv_weights
-from mabn.optim import build_optimizer, lr_lambda
-from mabn.precise_bn import recompute_norm_stats
-from mabn.preemption import EXIT_PREEMPTED, StopSignals, end_job
-from mabn.records import RunRecorder, git_sha, hardware
-
-EXIT_NONFINITE, EXIT_CONFIG = 3, 2
-_COMMAND = " ".join(sys.argv)  # as typed, before the batch=N rewrite
-
-
-def _amp(mode: str, device: torch.device):
-    if mode == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
-
-
-def _norm_state(model: nn.Module) -> dict:
-    """This rank's batch-dependent norm buffers: statistics are per device, so each rank keeps its own."""
-    return {f"{name}.{b}": t.detach().cpu().clone() for name, m in model.named_modules()
-            if isinstance(m, batch_dependent_types()) for b, t in m.named_buffers(recurse=False)}
-
-
-def _check_same_run(saved: dict, current: dict, path: Path) -> None:
-    """A checkpoint resumes only the run that wrote it (same norm, batch, model and data; roots may move)."""
-    keys = [("norm",), ("batch",), ("model",), ("seed",)]
-    keys += [("data", k) for k in ("name", "batch_size", "num_classes", "image_size")]
-    for key in keys:
-        old, new = saved, current
-        for k in key:
-            old, new = old[k], new[k]
-        if old != new:
-            raise ConfigError(f"{path} was written with {'.'.join(key)}={old}, not {new}; keep the checkpoint "
-                              f"and start elsewhere with another run.name, or set run.resume=false")
-
-
-def _load_norm_state(model: nn.Module, state: dict) -> None:
-    own = dict(model.named_buffers())
-    with torch.no_grad():
-        for key, value in state.items():
-            own[key].copy_(value)
+from mabn.norms import build_norm
+from mabn.optim import build_optimizer, linear_scaled_lr, lr_lambda
+from mabn.preemption import StopSignals
+from mabn.records import RunRecorder
 
 
 @hydra.main(config_path="configs", config_name="train_imagenet", version_base="1.3")
 def main(cfg: DictConfig) -> int:
     info = dist.init_distributed(cfg.train.device)
+    run_dir = Path(cfg.run.dir)
     try:
         plan = validate(cfg, info.world_size, info.device.type)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
         dist.cleanup()
-        return end_job(EXIT_CONFIG)
-    stops = StopSignals()
-    try:
-        code = run(cfg, plan, info, stops, HydraConfig.get().runtime.choices.get("experiment"))
-    except ConfigError as err:  # found while resuming (a checkpoint from another config)
-        print(f"config error: {err}", file=sys.stderr)
-        code = EXIT_CONFIG
-    finally:
-        dist.cleanup()
-    if code == EXIT_PREEMPTED:
-        stops.hand_over()  # inside submitit: its handler requeues the job now that the checkpoint is written
-    return end_job(code)
+        return finish(config_failure(err, run_dir if info.is_main else None))
+    experiment = HydraConfig.get().runtime.choices.get("experiment")
+    return finish(run_job(lambda stops: run(cfg, plan, info, stops, experiment), run_dir))
 
 
-def run(cfg: DictConfig, plan, info: dist.DistInfo, stops: StopSignals, experiment: str | None = None) -> int:
-    started, sha = time.time(), git_sha()  # the code this process runs, read before anything can change it
+def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignals, experiment: str | None = None
+        ) -> int:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    checkpointer = Checkpointer(Path(cfg.run.dir) / "checkpoints", cfg.train.keep_last)
+    saved = claim_run_dir(cfg, config, checkpointer, info)  # before any data or model is built
     torch.manual_seed(cfg.seed + info.rank)
-    run_dir = Path(cfg.run.dir)
+    parts, settings, lr, recipe, datasets = build(cfg, plan, info)
+    recorder = RunRecorder(cfg.run.dir, enabled=info.is_main, wandb_cfg=OmegaConf.to_container(cfg.logger),
+                           config=config, name=cfg.run.name)
+    loop = TrainLoop(parts, settings, recorder=recorder, checkpointer=checkpointer, stops=stops, info=info,
+                     config=config, progress=_progress(cfg.train.progress, info.is_main))
+    if saved is not None:
+        changes = rundir.resume_changes(saved.config, config, cfg.run.allow_changes, saved.iteration)
+        loop.restore(saved, keep_optimizer_settings=bool(changes))
+        loop.state["changes"] = loop.state["changes"] + changes
+        try:  # records after the checkpoint are written again
+            recorder.truncate_after(saved.iteration)
+            if parts.tracer is not None:
+                parts.tracer.truncate_after(saved.iteration)
+        except ValueError as err:  # a damaged record file: named, with its line
+            raise ConfigError(str(err)) from err
+        if info.is_main:
+            changed = "".join(f"; {c['key']}: {c['old']!r} -> {c['new']!r}" for c in changes)
+            print(f"resumed from {saved.path} at epoch {loop.state['epoch']} iteration {saved.iteration}"
+                  f"{changed}", flush=True)
+    stops.install()
+    facts = RunFacts(task="classification", experiment=experiment, data=cfg.data.name, model=cfg.model.name,
+                     norm=cfg.norm.name, norm_params=dict(recipe.params), norm_batch=plan.norm_batch,
+                     device_batch=plan.device_batch, batch_mode=cfg.batch_mode, world_size=info.world_size,
+                     sgd_batch=plan.sgd_batch, lr=lr, seed=cfg.seed, epochs=cfg.epochs, device_obj=info.device,
+                     amp=str(parts.ctx.amp_dtype), wandb_id=recorder.wandb_id, run_dir=cfg.run.dir)
+    if info.is_main:
+        print(f"run {cfg.run.dir}: norm={cfg.norm.name} n={plan.norm_batch} device batch={plan.device_batch} x "
+              f"{info.world_size} = SGD batch {plan.sgd_batch}, lr {lr:g}, {cfg.epochs} epochs x "
+              f"{settings.iters_per_epoch} iterations, {facts()['device']}", flush=True)
+    outcome = loop.fit()
+    _summarize(outcome, loop, recorder, facts, skipped=skipped_images(*datasets), info=info)
+    return outcome.exit_code
+
+
+def claim_run_dir(cfg: DictConfig, config: dict, checkpointer: Checkpointer, info: dist.DistInfo
+                  ) -> Checkpoint | None:
+    """Rank 0 makes the run directory this run's (rundir.claim) and finds the checkpoint to resume; every
+    rank then resumes the same file, or every rank raises the same ConfigError."""
+    found, error = None, None
+    if info.is_main:
+        try:
+            rundir.check_writable(Path(cfg.run.dir))
+            saved, unreadable = checkpointer.newest()
+            notices = rundir.claim(Path(cfg.run.dir), config, has_checkpoint=saved is not None,
+                                   resume=cfg.run.resume, overwrite=cfg.run.overwrite,
+                                   checkpoint_config=saved.config if saved else None, unreadable=unreadable)
+            if saved is not None and unreadable:
+                notices.append(f"{'; '.join(unreadable)}: resuming from the older {saved.path.name}")
+            for notice in notices:
+                print(notice, flush=True)
+            found = str(saved.path) if saved is not None and not cfg.run.overwrite else None
+        except ConfigError as err:
+            error = str(err)
+    found, error = dist.broadcast_object((found, error))
+    if error is not None:
+        raise ConfigError(error)
+    return read_checkpoint(found) if found else None
+
+
+def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo):
+    """The loop's parts and settings, the lr, the norm recipe and the datasets (for their skip counts)."""
     device = info.device
-    amp_dtype = _amp(cfg.train.amp, device)
-    channels_last = device.type == "cuda" if cfg.train.channels_last == "auto" else bool(cfg.train.channels_last)
-
-    train_ds, val_ds, in_channels = build_datasets(cfg.data, cfg.seed)
-    train_loader, val_loader, sampler = build_loaders(
-        train_ds, val_ds, batch_size=plan.device_batch, workers=cfg.data.workers, rank=info.rank,
-        world_size=info.world_size, seed=cfg.seed, pin_memory=device.type == "cuda")
+    train_ds, val_ds = build_datasets(cfg.data, cfg.seed)
+    loader_args = dict(batch_size=plan.device_batch, workers=cfg.data.workers, rank=info.rank,
+                       world_size=info.world_size, pin_memory=device.type == "cuda")
+    train_loader, val_loader, sampler = build_loaders(train_ds, val_ds, seed=cfg.seed, **loader_args)
+    precise_loader = build_loaders(train_ds, val_ds, seed=precise_bn_seed(cfg.seed), **loader_args)[0] \
+        if cfg.train.precise_bn_batches else None
     ipe = iters_per_epoch(sampler, cfg.train.max_iters_per_epoch)
-    total_iters = cfg.epochs * ipe
-
-    norm_cfg = OmegaConf.to_container(cfg.norm, resolve=True)
-    recipe = build_norm(norm_cfg, NormContext(norm_batch=plan.norm_batch, device_batch=plan.device_batch,
-                                              world_size=info.world_size, total_iters=total_iters))
-    model_opts = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-    model = build_model(cfg.model.name, recipe.ctor, num_classes=cfg.data.num_classes, in_channels=in_channels,
-                        **model_opts)
-    if recipe.weight_centering:
-        center_conv_weights(model)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * plan.sgd_batch / cfg.optim.base_batch
+    recipe = build_norm(OmegaConf.to_container(cfg.norm, resolve=True), plan.norm_context(cfg.epochs * ipe))
+    options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+    model = build_model(cfg.model.name, recipe, num_classes=cfg.data.num_classes,
+                        in_channels=dataset_spec(cfg.data.name, "classification").in_channels, **options)
+    dtype = amp_dtype(cfg.train.amp, device)
+    channels_last = device.type == "cuda" if cfg.train.channels_last == "auto" else bool(cfg.train.channels_last)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    lr = linear_scaled_lr(cfg.optim, plan.sgd_batch)
     optimizer = build_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True), lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(OmegaConf.to_container(cfg.schedule, resolve=True), ipe, total_iters))
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        optimizer, lr_lambda(OmegaConf.to_container(cfg.schedule, resolve=True), ipe, cfg.epochs * ipe))
     net = model
     if info.world_size > 1:  # per-device statistics: buffers are never broadcast (syncbn syncs itself)
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if cfg.train.compile:
         net = torch.compile(net)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    tracer = BatchStatsTracer(model, Path(cfg.run.dir) / "diag_batch_stats.jsonl", enabled=info.is_main) \
+        if cfg.diag.batch_stats else None  # off: not a single hook is registered
+    parts = Parts(model, net, optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
+                  StepContext(device, dtype, channels_last, scaler), train_loader, val_loader, sampler,
+                  precise_loader, tracer)
+    settings = Settings(cfg.epochs, ipe, cfg.train.log_every, cfg.train.ckpt_every_iters,
+                        cfg.train.stop_after_iters, cfg.train.eval_max_batches, cfg.train.precise_bn_batches,
+                        cfg.diag.every)
+    return parts, settings, lr, recipe, (train_ds, val_ds)
 
-    ckpt_dir = run_dir / "checkpoints"
-    state = {"epoch": 0, "iter_in_epoch": 0, "iter": 0, "best_top1": None, "elapsed": 0.0, "last_eval": None}
-    last = ckpt_dir / "last.pt"
-    if cfg.run.resume and last.exists():
-        saved = ckpt.load(last)
-        _check_same_run(saved["config"], OmegaConf.to_container(cfg, resolve=True), last)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        mine = saved["per_rank"][info.rank] if info.rank < len(saved["per_rank"]) else saved["per_rank"][0]
-        _load_norm_state(model, mine["norm_state"])
-        ckpt.set_rng_state(mine["rng"])
-        state.update(saved["state"])
-    recorder = RunRecorder(run_dir, enabled=info.is_main, wandb_cfg=OmegaConf.to_container(cfg.logger),
-                           config=OmegaConf.to_container(cfg, resolve=True), name=cfg.run.name)
-    if state["iter"]:
-        recorder.truncate_after(state["iter"])  # records after the checkpoint are written again
+
+def _summarize(outcome: Outcome, loop: TrainLoop, recorder: RunRecorder, facts: RunFacts, *, skipped: int,
+               info: dist.DistInfo) -> None:
+    """summary.json for a finished or diverged run (a stopped one writes none: it is not over)."""
+    state = outcome.state
+    common = {"iters": state["iter"], "wall_time_s": loop.elapsed(), "skipped_images": skipped,
+              "config_changes": state.get("changes", []),
+              "checkpoint": str(loop.ckpt.last) if loop.ckpt.last.exists() else None}
+    if outcome.status == "stopped":
         if info.is_main:
-            print(f"resumed from {last} at epoch {state['epoch']} iteration {state['iter']}", flush=True)
-
-    def save(best: bool = False) -> None:
-        per_rank = [{"norm_state": _norm_state(model), "rng": ckpt.rng_state()}]
-        if info.world_size > 1:
-            gathered = [None] * info.world_size
-            torch.distributed.all_gather_object(gathered, per_rank[0])
-            per_rank = gathered
-        if not info.is_main:
-            return
-        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                   "per_rank": per_rank, "config": OmegaConf.to_container(cfg, resolve=True),
-                   "state": {**state, "elapsed": state["elapsed"] + time.time() - started}}
-        ckpt.save_atomic(payload, last)
-        if best:
-            ckpt.save_atomic(payload, ckpt_dir / "best.pt")
-
-    precise_batches = cfg.train.precise_bn_batches
-    precise_loader = None
-    if precise_batches:
-        precise_loader, _, _ = build_loaders(train_ds, val_ds, batch_size=plan.device_batch, workers=cfg.data.workers,
-                                             rank=info.rank, world_size=info.world_size, seed=cfg.seed + 7919,
-                                             pin_memory=device.type == "cuda")
-    stops.install()
-    tracer, every = None, cfg.diag.every
-    if cfg.diag.batch_stats:  # off: not a single hook is registered
-        tracer = BatchStatsTracer(model, run_dir / "diag_batch_stats.jsonl", enabled=info.is_main)
-        tracer.truncate_after(state["iter"])
-        tracer.arm((state["iter"] + 1) % every == 0, state["iter"] + 1)
-    progress = _progress(cfg.train.progress, info.is_main)
-    ctx = StepContext(device, amp_dtype, channels_last, scaler)
-    stop_after = cfg.train.stop_after_iters
-    iters_this_process = 0
-    if info.is_main:
-        print(f"run {run_dir}: norm={cfg.norm.name} n={plan.norm_batch} device batch={plan.device_batch} "
-              f"x {info.world_size} = SGD batch {plan.sgd_batch}, lr {lr:g}, {cfg.epochs} epochs x {ipe} "
-              f"iterations, {hardware(device)}", flush=True)
-
-    def on_step(it: int, metrics: dict) -> bool:
-        nonlocal iters_this_process
-        iters_this_process += 1
-        state["iter"], state["iter_in_epoch"] = it, state["iter_in_epoch"] + 1
-        if it % cfg.train.log_every == 0:  # the same step on every rank: the loss is averaged over ranks
-            if info.world_size > 1:
-                metrics["loss"] = float(dist.all_reduce_sum(torch.tensor([metrics["loss"]], device=device))) / info.world_size
-            recorder.log({"iter": it, "epoch": state["epoch"], **{f"train/{k}": v for k, v in metrics.items()}})
-        progress(it, total_iters, metrics)
-        if tracer is not None:
-            tracer.arm((it + 1) % every == 0, it + 1)
-        stop = torch.tensor([float(stops.requested)])
-        if info.world_size > 1:  # all ranks must stop at the same step
-            stop = dist.all_reduce_sum(stop.to(device)).cpu()
-        requested = stop_after is not None and iters_this_process >= stop_after
-        if stop.item() > 0 or requested or it % cfg.train.ckpt_every_iters == 0:
-            save()
-        return bool(stop.item() > 0 or requested)
-
-    def run_facts() -> dict:  # what every summary.json of this run says, however it ended
-        return {
-            "task": "classification", "experiment": experiment, "data": cfg.data.name, "model": cfg.model.name,
-            "norm": cfg.norm.name, "norm_params": dict(recipe.params), "norm_batch": plan.norm_batch,
-            "device_batch": plan.device_batch, "batch_mode": cfg.batch.mode, "world_size": info.world_size,
-            "sgd_batch": plan.sgd_batch, "lr": lr, "seed": cfg.seed, "epochs": cfg.epochs, "iters": state["iter"],
-            "wall_time_s": round(state["elapsed"] + time.time() - started, 1), "device": hardware(device),
-            "amp": str(amp_dtype), "git_sha": sha, "wandb_id": recorder.wandb_id, "torch": torch.__version__,
-            "command": _COMMAND, "run_dir": str(run_dir), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-    try:
-        while state["epoch"] < cfg.epochs:
-            epoch = state["epoch"]
-            if state["iter_in_epoch"] < ipe:
-                sampler.set_epoch(epoch, start_batch=state["iter_in_epoch"])
-                train_ds.set_epoch(epoch)
-                stats = train_one_epoch(net, train_loader, optimizer, scheduler, criterion, ctx,
-                                        first_iter=state["iter"], num_iters=ipe - state["iter_in_epoch"],
-                                        on_step=on_step)
-                if stats["stopped"]:
-                    why = stops.describe() if stops.requested else "train.stop_after_iters"
-                    if info.is_main:
-                        print(f"stopped by {why} at iteration {state['iter']}; checkpoint {last}", flush=True)
-                    recorder.close()
-                    return EXIT_PREEMPTED if stops.requested else 0
-            metrics = evaluate(net, val_loader, criterion, ctx, cfg.train.eval_max_batches)
-            if precise_batches:  # the same weights with recomputed statistics, on a copy: training is untouched
-                recomputed = copy.deepcopy(model)
-                precise_loader.sampler.set_epoch(epoch)
-                recompute_norm_stats(recomputed, itertools.islice(precise_loader, precise_batches), device)
-                precise = evaluate(recomputed, val_loader, criterion, ctx, cfg.train.eval_max_batches)
-                metrics.update({f"precise_{k}": v for k, v in precise.items() if k != "count"})
-                del recomputed
-            best = state["best_top1"] is None or metrics["top1"] > state["best_top1"]
-            state["best_top1"] = max(metrics["top1"], state["best_top1"] or 0.0)
-            state["last_eval"] = metrics
-            recorder.log({"iter": state["iter"], "epoch": epoch + 1,
-                          **{f"val/{k}": v for k, v in metrics.items()}})
-            if info.is_main:
-                extra = f" (recomputed statistics: top1 {metrics['precise_top1']:.2f})" if precise_batches else ""
-                print(f"epoch {epoch + 1}/{cfg.epochs}: val top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
-                      f"loss {metrics['loss']:.4f}{extra}", flush=True)
-            state["epoch"], state["iter_in_epoch"] = epoch + 1, 0
-            save(best=best)
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        # a record of the divergence (results tables count it); the last good checkpoint stays as it was
-        recorder.write_summary({**run_facts(), "status": "diverged", "error": str(err), "top1": None})
-        recorder.close()
-        return EXIT_NONFINITE
-
-    final = state["last_eval"]
-    recorder.write_summary({
-        **run_facts(), "status": "finished", "top1": final["top1"], "top5": final["top5"],
-        "val_loss": final["loss"], "best_top1": state["best_top1"], "val_count": final["count"],
-        "top1_precise": final.get("precise_top1"), "top5_precise": final.get("precise_top5"),
-        "inference_stats": f"precise_bn over {precise_batches} batches per rank, each epoch (top1_precise); "
-                           "running averages (top1)" if precise_batches else "running averages"})
+            print(outcome.message, flush=True)
+    elif outcome.status == "diverged":
+        print(f"error: {outcome.message}", file=sys.stderr, flush=True)
+        recorder.write_summary(facts(**common, status="diverged", error=outcome.message, top1=None))
+    else:
+        final = state["last_eval"]
+        inference = (f"precise_bn over {loop.s.precise_bn_batches} batches per rank, each epoch (top1_precise); "
+                     "running averages (top1)" if loop.s.precise_bn_batches else "running averages")
+        recorder.write_summary(facts(
+            **common, status="finished", top1=final["top1"], top5=final["top5"], val_loss=final["loss"],
+            best_top1=state["best_top1"], val_count=final["count"], top1_precise=final.get("precise_top1"),
+            top5_precise=final.get("precise_top5"), inference_stats=inference))
+        if info.is_main:
+            print(f"done: top1 {final['top1']:.2f} top5 {final['top5']:.2f}; records in {recorder.run_dir}",
+                  flush=True)
     recorder.close()
-    if info.is_main:
-        print(f"done: top1 {final['top1']:.2f} top5 {final['top5']:.2f}; records in {run_dir}", flush=True)
-    return 0
 
 
 def _progress(mode: str, enabled: bool):
     """A tqdm bar on a terminal, periodic plain lines otherwise (logs, SLURM)."""
     if not enabled:
         return lambda *a: None
-    use_bar = sys.stdout.isatty() if mode == "auto" else mode == "bar"
-    if use_bar:
+    if (sys.stdout.isatty() if mode == "auto" else mode == "bar"):
         from tqdm import tqdm
 
         bar = tqdm(dynamic_ncols=True)
 
         def update(it, total, m):
-            bar.total = total
-            bar.n = it
+            bar.total, bar.n = total, it
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.3g}", img_s=f"{m['img_per_s']:.0f}")
 
         return update
@@ -298,5 +203,4 @@ def _progress(mode: str, enabled: bool):
 
 
 if __name__ == "__main__":
-    sys.argv = normalize_batch_override(sys.argv)
     main()

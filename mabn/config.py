@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data.detection import check_coco_root
-from .data.loaders import DataConfigError, check_imagenet_root
+from omegaconf import OmegaConf
+
+from .data import DataConfigError, dataset_spec
 from .models import registered_models
-from .norms import registered_norms
+from .norms import NormContext, build_norm, registered_norms
+from .optim import check_settings
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-_BATCH_ARG = re.compile(r"^batch=(-?\d+(?:,-?\d+)*)$")
-
-
-def normalize_batch_override(argv: list[str]) -> list[str]:
-    """``batch=2`` / ``batch=2,4,8`` -> ``batch.norm_batch=2`` / ``batch.norm_batch=2,4,8``.
-
-    Hydra parses ``batch=2`` as an int, and a config-group override must be a string ("Config group
-    override must be a string or a list. Got int"). So the numeric form users type sets the group's
-    ``norm_batch`` key (any n, checked by ``validate``); the named options (``batch=n2``, configs/batch/)
-    work as usual. Rewritten before Hydra reads the command line; sweeps stay plain value sweeps.
-    """
-    return [re.sub(_BATCH_ARG, r"batch.norm_batch=\1", arg) for arg in argv]
+BATCH_MODES = ("grouped", "device")
 
 
 class ConfigError(ValueError):
@@ -32,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """The three batches the papers distinguish, per DESIGN.md."""
+    """The three batches the papers distinguish: normalization batch, device batch, SGD batch."""
 
     norm_batch: int      # n: samples per normalization-layer call
     device_batch: int    # samples per device per step
@@ -46,28 +36,37 @@ class BatchPlan:
     def grouped(self) -> bool:
         return self.norm_batch < self.device_batch
 
+    def norm_context(self, total_iters: int | None = None) -> NormContext:
+        """The runtime facts the norm registry binds into layers."""
+        return NormContext(norm_batch=self.norm_batch, device_batch=self.device_batch,
+                           world_size=self.world_size, total_iters=total_iters)
 
-def _positive_int(value, key: str) -> int:
+
+def _positive_int(value, key: str, *, optional: bool = False) -> int | None:
+    if optional and value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{key} must be a positive integer{' or null' if optional else ''}, got {value!r}")
     return value
 
 
-def plan_batches(cfg, world_size: int) -> BatchPlan:
-    """batch=n with batch.mode grouped (split data.batch_size into groups of n) or device (device batch n)."""
-    n = _positive_int(cfg.batch.norm_batch, "batch (batch.norm_batch)")
-    mode = cfg.batch.mode
+def plan_batches(cfg, world_size: int = 1) -> BatchPlan:
+    """``batch=n`` with ``batch_mode`` grouped (groups of n in the device batch data.batch_size) or device
+    (device batch n). Reads a composed config or a checkpoint's saved one."""
+    n = _positive_int(cfg.batch, "batch")
+    mode = cfg.batch_mode
+    if mode not in BATCH_MODES:
+        raise ConfigError(f"batch_mode must be grouped or device, got {mode!r}")
     if mode == "device":
         return BatchPlan(n, n, world_size)
-    if mode != "grouped":
-        raise ConfigError(f"batch.mode must be grouped or device, got {mode!r}")
     device_batch = _positive_int(cfg.data.batch_size, "data.batch_size")
     if n > device_batch:
         raise ConfigError(f"batch={n} is larger than the device batch data.batch_size={device_batch}; use "
-                          f"data.batch_size={n} or batch.mode=device")
+                          f"data.batch_size={n} or batch_mode=device")
     if device_batch % n:
+        valid = [d for d in range(1, device_batch + 1) if device_batch % d == 0]
         raise ConfigError(f"batch={n} does not divide the device batch data.batch_size={device_batch}; valid "
-                          f"normalization batches: {[d for d in range(1, device_batch + 1) if device_batch % d == 0]}")
+                          f"normalization batches: {valid}")
     return BatchPlan(n, device_batch, world_size)
 
 
@@ -76,61 +75,67 @@ def _check_norm_name(cfg) -> None:
         raise ConfigError(f"unknown norm {cfg.norm.name!r}; registered norms: {', '.join(registered_norms())}")
 
 
-def _check_common(cfg, plan: BatchPlan, world_size: int, device_type: str) -> None:
-    """What classification and detection runs share: AMP and device modes, syncbn's limits."""
+def _check_norm_and_optim(cfg, plan: BatchPlan, world_size: int, device_type: str) -> None:
+    """Every norm, optimizer and AMP setting, by building the norm recipe (no layer, no data)."""
+    if cfg.norm.name == "syncbn" and plan.grouped:
+        raise ConfigError(f"norm=syncbn normalizes over the global batch (device batch x devices); batch="
+                          f"{plan.norm_batch} in grouped mode would need groups: use batch_mode=device or "
+                          f"batch={plan.device_batch}")
+    if cfg.norm.name == "syncbn" and world_size > 1 and device_type != "cuda":
+        raise ConfigError("norm=syncbn across processes needs CUDA devices (torch's SyncBatchNorm does not "
+                          "synchronise CPU tensors); use norm=bn on CPU")
+    try:
+        build_norm(OmegaConf.to_container(cfg.norm, resolve=True), plan.norm_context())
+        check_settings("optim", OmegaConf.to_container(cfg.optim, resolve=True))
+        if "schedule" in cfg:
+            check_settings("schedule", OmegaConf.to_container(cfg.schedule, resolve=True))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if cfg.train.amp not in AMP_MODES:
         raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {cfg.train.amp!r}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
-    if cfg.norm.name == "syncbn" and plan.grouped:
-        raise ConfigError(f"norm=syncbn normalizes over the global batch (device batch x devices); batch={plan.norm_batch} "
-                          f"in grouped mode would need groups: use batch.mode=device or batch={plan.device_batch}")
-    if cfg.norm.name == "syncbn" and world_size > 1 and device_type != "cuda":
-        raise ConfigError("norm=syncbn across processes needs CUDA devices (torch's SyncBatchNorm does not "
-                          "synchronise CPU tensors); use norm=bn on CPU")
+
+
+def _check_data(cfg, task: str) -> None:
+    try:
+        dataset_spec(cfg.data.name, task).check(cfg.data)
+    except DataConfigError as err:
+        raise ConfigError(str(err)) from err
 
 
 def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
-    """Check names, batches, schedule and data before building anything; returns the batch plan."""
+    """train_imagenet.py's checks of names, batches, hyper-parameters and data; returns the batch plan."""
     if cfg.model.name not in registered_models():
         raise ConfigError(f"unknown model {cfg.model.name!r}; registered: {', '.join(registered_models())}")
-    _check_norm_name(cfg)
+    _check_norm_name(cfg)  # before the batch arithmetic: an unknown name explains more than its batch
     plan = plan_batches(cfg, world_size)
-    _check_common(cfg, plan, world_size, device_type)
+    _check_norm_and_optim(cfg, plan, world_size, device_type)
     _positive_int(cfg.epochs, "epochs")
-    for key in ("ckpt_every_iters", "log_every"):
+    for key in ("ckpt_every_iters", "log_every", "keep_last"):
         _positive_int(cfg.train[key], f"train.{key}")
+    for key in ("max_iters_per_epoch", "eval_max_batches", "stop_after_iters"):  # 0 would silently mean 1 or none
+        _positive_int(cfg.train[key], f"train.{key}", optional=True)
+    if not isinstance(cfg.train.precise_bn_batches, int) or cfg.train.precise_bn_batches < 0:
+        raise ConfigError(f"train.precise_bn_batches must be an integer >= 0, got {cfg.train.precise_bn_batches!r}")
     _positive_int(cfg.diag.every, "diag.every")
-    try:
-        if cfg.data.name == "imagenet":
-            check_imagenet_root(cfg.data.root, cfg.data.num_classes)
-        elif cfg.data.name == "fmnist":
-            root = Path(cfg.data.root)
-            if not any(root.glob("train-images-idx3-ubyte*")):
-                raise DataConfigError(f"data.root={root} holds no Fashion-MNIST IDX files (train-images-idx3-ubyte"
-                                      f"[.gz]); install Debian's dataset-fashion-mnist or point data.root at them")
-        else:
-            raise DataConfigError(f"unknown data {cfg.data.name!r} for classification; valid: imagenet, fmnist "
-                                  f"(coco and shapes are detection data: train_coco.py)")
-    except DataConfigError as err:
-        raise ConfigError(str(err)) from err
+    _check_data(cfg, "classification")
     return plan
 
 
 DETECTION_MODELS = ("mask_rcnn_r50_fpn",)
-DETECTION_DATA = ("coco", "shapes")
 
 
 def validate_detection(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
     """train_coco.py's checks: the same norm/batch rules, detection model and data, a consistent schedule."""
     if cfg.model.name not in DETECTION_MODELS:
         raise ConfigError(f"unknown detection model {cfg.model.name!r}; valid: {', '.join(DETECTION_MODELS)}")
-    if cfg.batch.mode != "device":
-        raise ConfigError(f"detection trains with batch.mode=device (batch=n images per device), got "
-                          f"batch.mode={cfg.batch.mode!r}")
+    if cfg.batch_mode != "device":
+        raise ConfigError(f"detection trains with batch_mode=device (batch=n images per device), got "
+                          f"batch_mode={cfg.batch_mode!r}")
     _check_norm_name(cfg)
     plan = plan_batches(cfg, world_size)
-    _check_common(cfg, plan, world_size, device_type)
+    _check_norm_and_optim(cfg, plan, world_size, device_type)
     solver = cfg.solver
     max_iter = _positive_int(solver.max_iter, "solver.max_iter")
     steps = list(solver.steps)
@@ -139,6 +144,7 @@ def validate_detection(cfg, world_size: int = 1, device_type: str = "cpu") -> Ba
                           f"got {steps}")
     for key in ("eval_period", "ckpt_period", "log_period"):
         _positive_int(cfg.train[key], f"train.{key}")
+    _positive_int(cfg.train.stop_after_iters, "train.stop_after_iters", optional=True)
     _positive_int(cfg.train.num_gpus, "train.num_gpus")
     if cfg.model.freeze_at not in range(6):
         raise ConfigError(f"model.freeze_at must be 0-5 (0: nothing frozen, 1: stem, k: stem + res2..res{{k}}), "
@@ -146,11 +152,5 @@ def validate_detection(cfg, world_size: int = 1, device_type: str = "cpu") -> Ba
     if cfg.model.weights is not None and not Path(cfg.model.weights).is_file():
         raise ConfigError(f"model.weights={cfg.model.weights} is not a file (a train_imagenet.py checkpoint, a "
                           f"torchvision .pth or a detectron2 .pkl); set model.weights=null to train from scratch")
-    if cfg.data.name == "coco":
-        try:
-            check_coco_root(cfg.data.root)
-        except DataConfigError as err:
-            raise ConfigError(str(err)) from err
-    elif cfg.data.name != "shapes":
-        raise ConfigError(f"unknown detection data {cfg.data.name!r}; valid: {', '.join(DETECTION_DATA)}")
+    _check_data(cfg, "detection")
     return plan

@@ -18,12 +18,14 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .checkpoint import load as load_checkpoint
+from .checkpoint import read as read_checkpoint
+from .config import BatchPlan, plan_batches
+from .data import dataset_spec
 from .models import build_model
-from .norms import MABN2d, NormContext, batch_dependent_types, build_norm, center_conv_weights, norm_types
+from .norms import MABN2d, batch_dependent_types, build_norm, norm_types
 from .precise_bn import recompute_norm_stats
 from .records import truncate_jsonl
 
@@ -60,22 +62,18 @@ def estimation_shift(model: nn.Module, batches, device: torch.device) -> list[di
     return rows
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a train_imagenet.py model from its checkpoint (the resolved config is saved in it)."""
-    saved = load_checkpoint(Path(path))
-    cfg = saved["config"]
-    n, device_batch = cfg["batch"]["norm_batch"], cfg["data"]["batch_size"]
-    if cfg["batch"]["mode"] == "device":
-        device_batch = n
-    recipe = build_norm(cfg["norm"], NormContext(norm_batch=n, device_batch=device_batch))
-    options = {k: v for k, v in cfg["model"].items() if k != "name"}
-    in_channels = 1 if cfg["data"]["name"] == "fmnist" else 3
-    model = build_model(cfg["model"]["name"], recipe.ctor, num_classes=cfg["data"]["num_classes"],
-                        in_channels=in_channels, **options)
-    if recipe.weight_centering:
-        center_conv_weights(model)
-    model.load_state_dict(saved["model"])
-    return model, OmegaConf.create(cfg)
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, DictConfig, BatchPlan]:
+    """Rebuild a train_imagenet.py model from its checkpoint (the resolved config is saved in it), with the
+    run's batch plan (device batch, normalization batch)."""
+    saved = read_checkpoint(path)
+    cfg = OmegaConf.create(saved.config)
+    plan = plan_batches(cfg)
+    recipe = build_norm(saved.config["norm"], plan.norm_context())
+    options = {k: v for k, v in saved.config["model"].items() if k != "name"}
+    model = build_model(cfg.model.name, recipe, num_classes=cfg.data.num_classes,
+                        in_channels=dataset_spec(cfg.data.name, "classification").in_channels, **options)
+    model.load_state_dict(saved.payload["model"])
+    return model, cfg, plan
 
 
 STATS = ("mu", "var", "g", "psi")

@@ -88,6 +88,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks (identity when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank ``src``'s Python object on every rank."""
     if not (dist.is_available() and dist.is_initialized()):

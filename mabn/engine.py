@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -14,8 +15,32 @@ from torch import nn
 from .dist import all_reduce_sum
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; training stops and the last good checkpoint stays."""
+class NonFiniteError(RuntimeError):
+    """A loss, weight or buffer became NaN/inf; training stops and the last good checkpoint stays."""
+
+
+def _max_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """max |t| over all ``tensors`` in one reduction (NaN propagates), on their device: no host sync here."""
+    return torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"), foreach=None)
+
+
+def state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The floating-point parameters and buffers of ``model`` (what a checkpoint of it holds)."""
+    return [t.detach() for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+
+
+def check_finite(loss: torch.Tensor, tensors: list[torch.Tensor], iteration: int) -> float:
+    """The step's loss as a float, after one host sync that also checks every weight and buffer: a finite
+    loss can still come with an update that made the weights non-finite (a huge lr), and such a step must
+    never reach a checkpoint or an evaluation."""
+    loss_value, weights = torch.stack([loss.detach().double(), _max_abs(tensors).double()]).tolist()
+    if not math.isfinite(loss_value):
+        raise NonFiniteError(f"non-finite loss {loss_value} at iteration {iteration}; stopping (the last good "
+                             f"checkpoint is kept)")
+    if not math.isfinite(weights):
+        raise NonFiniteError(f"non-finite weights after the optimizer step at iteration {iteration} (loss "
+                             f"{loss_value:.4g}); stopping (the last good checkpoint is kept)")
+    return loss_value
 
 
 @dataclass
@@ -53,6 +78,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     model.train()
     loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
     seen, done, stopped = 0, 0, False
+    tensors = state_tensors(model)
     start = tick = time.perf_counter()
     for images, targets in loader:
         if done >= num_iters:
@@ -70,12 +96,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             optimizer.step()
         scheduler.step()
         it = first_iter + done
-        value = loss.detach().double()
-        loss_value = float(value)  # one sync per step: a NaN must stop at the step that made it
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"non-finite loss {loss_value} at iteration {it + 1}; stopping (the last "
-                                     f"good checkpoint is kept)")
-        loss_sum += value
+        loss_value = check_finite(loss, tensors, it + 1)  # one sync per step: stop at the step that broke
+        loss_sum += loss_value
         seen += images.shape[0]
         done += 1
         now = time.perf_counter()
@@ -108,5 +130,8 @@ def evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, ctx: Step
         sums += torch.stack([loss.double() * len(targets), hit[:, 0].sum().double(), hit.any(1).sum().double(),
                              torch.tensor(float(len(targets)), device=ctx.device, dtype=torch.float64)])
     loss, top1, top5, count = all_reduce_sum(sums).tolist()
-    count = max(count, 1.0)
+    if not count:
+        raise ValueError("evaluation saw no image (an empty validation set or shard)")
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"non-finite validation loss {loss / count}")
     return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "count": int(count)}

@@ -10,6 +10,47 @@ from torch import nn
 from .norms import norm_types
 
 
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# optim.<key> and schedule.<key> values, checked before anything is built (a typo fails in the first second)
+_OPTIM_RULES = {
+    "name": (lambda v: v == "sgd", "sgd"),
+    "lr": (lambda v: v is None or (_num(v) and v > 0), "a positive number, or null for the linear scaling rule"),
+    "base_lr": (lambda v: _num(v) and v > 0, "a positive number"),
+    "base_batch": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "momentum": (lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: _num(v) and v >= 0, "a number >= 0"),
+    "norm_weight_decay": (lambda v: _num(v) and v >= 0, "a number >= 0"),
+    "nesterov": (lambda v: isinstance(v, bool), "true or false"),
+    "label_smoothing": (lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
+}
+_SCHEDULE_RULES = {
+    "name": (lambda v: v in ("step", "cosine"), "step or cosine"),
+    "gamma": (lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "warmup_epochs": (lambda v: _num(v) and v >= 0, "a number >= 0"),
+    "warmup_factor": (lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "milestones": (lambda v: all(isinstance(m, int) and m > 0 for m in v) and list(v) == sorted(v),
+                   "increasing positive epochs"),
+}
+
+
+def check_settings(prefix: str, settings: dict) -> None:
+    """Raise a ValueError naming ``<prefix>.<key>``, the value and what is valid, for ``optim`` or ``schedule``."""
+    rules = {"optim": _OPTIM_RULES, "schedule": _SCHEDULE_RULES}[prefix]
+    for key, (ok, what) in rules.items():
+        if key in settings and not ok(settings[key]):
+            raise ValueError(f"{prefix}.{key} must be {what}, got {settings[key]!r}")
+
+
+def linear_scaled_lr(optim_cfg, sgd_batch: int) -> float:
+    """optim.lr, or base_lr scaled to the SGD batch (the linear scaling rule, Goyal et al. 2017)."""
+    if optim_cfg["lr"] is not None:
+        return optim_cfg["lr"]
+    return optim_cfg["base_lr"] * sgd_batch / optim_cfg["base_batch"]
+
+
 def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
     """Norm-layer parameters (found through the registry's type tuple) get their own weight decay."""
     norm_params = {id(p) for m in model.modules() if isinstance(m, norm_types()) for p in m.parameters(recurse=False)}

@@ -1,7 +1,9 @@
 """Preemption and time limits: a signal asks for a checkpoint at the next step, then the job ends or requeues.
 
-Outside submitit (torchrun, plain ``srun``/``sbatch``, a terminal) SIGTERM and SIGUSR1 stop the run after a
-checkpoint with exit code 143; scripts/sbatch/train.sbatch then requeues the job. Inside a submitit job
+Outside submitit (torchrun, plain ``srun``/``sbatch``, a terminal) SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT;
+a second one interrupts at once) stop the run after a checkpoint with exit code 143; scripts/sbatch/
+train.sbatch then requeues the job. These signals often reach the whole process group, loader workers
+included: the workers ignore them (``mabn.data.loaders.ignore_stop_signals``) and the main process decides. Inside a submitit job
 (hydra-submitit-launcher) submitit owns the signals: it ignores SIGTERM on purpose and requeues on its
 preemption signal (SUBMITIT_PREEMPT_SIGNAL, USR2 by default) by resubmitting the same Hydra job. Here that
 signal is caught first, the run checkpoints at the next step, and only then is the signal handed to
@@ -30,20 +32,30 @@ class StopSignals:
             self._chained[sig] = signal.getsignal(sig)  # submitit's checkpoint-and-requeue handler
             signals = [sig]
         else:
-            signals = [signal.SIGTERM, signal.SIGUSR1]
+            signals = [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT]
         for sig in signals:
             signal.signal(sig, self._on_signal)
         return self
 
     def _on_signal(self, signum, _frame) -> None:  # only records: the training loop checkpoints at a step edge
+        if signum == signal.SIGINT and signal.SIGINT in self.received:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the checkpoint
         self.received.append(signum)
 
     @property
     def requested(self) -> bool:
         return bool(self.received)
 
-    def describe(self) -> str:
-        return f"signal {signal.Signals(self.received[0]).name}" if self.received else "no signal"
+    @property
+    def signum(self) -> int:
+        """The first signal received, 0 for none (what ranks reduce to agree on a stop)."""
+        return self.received[0] if self.received else 0
+
+    def describe(self, signum: int | None = None) -> str:
+        """'signal SIGTERM', for this process's signal or for ``signum`` (another rank's)."""
+        signum = self.signum if signum is None else signum
+        name = f"signal {signal.Signals(signum).name}" if signum else "no signal"
+        return name if signum == self.signum else f"{name} (received by another rank)"
 
     def hand_over(self) -> None:
         """After the checkpoint: let submitit requeue the job (its handler exits the process)."""

@@ -42,12 +42,35 @@ def write_json_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _lines(path: Path):
+    """(byte offset, record or None for a torn last line) per line; other damage raises a ValueError naming
+    the file and the line number."""
+    data = path.read_bytes()
+    offset, lines = 0, data.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield offset, json.loads(line)
+            except json.JSONDecodeError as err:
+                if number < len(lines) - (not lines[-1]):
+                    raise ValueError(f"{path}:{number} is not a JSON record ({err.msg}); the file is damaged: "
+                                     f"repair or remove that line") from err
+                yield offset, None  # a kill mid-write
+        offset += len(line) + 1
+
+
 def truncate_jsonl(path: Path, iteration: int, key: str) -> None:
-    """Keep the JSON lines of ``path`` whose ``key`` is at most ``iteration`` (a resumed run rewrites the rest)."""
+    """Cut ``path`` before its first record whose ``key`` is past ``iteration`` (or a torn last line): a resumed
+    run writes those again. Records are appended in iteration order, so what stays is a prefix, and the file
+    is cut in place: a writer that already holds it open for appending (detectron2's) keeps writing to it."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get(key, 0) <= iteration]
-    path.write_text("".join(line + "\n" for line in kept))
+    for offset, record in _lines(path):
+        if record is None or record.get(key, 0) > iteration:
+            if record is None:
+                print(f"{path}: dropped a torn last line (the process was killed while writing it)", flush=True)
+            os.truncate(path, offset)
+            return
 
 
 class RunRecorder:

@@ -1,6 +1,6 @@
 """Inference benchmark: ResNet-50 eval throughput with folded bn, folded mabn, and gn (which cannot fold).
 
-    python scripts/bench_inference.py                                   # auto device, 224 px, batch 1, 32, 256
+    python scripts/bench_inference.py                               # auto device, 224 px, batch 1, 32, 256
     python scripts/bench_inference.py --image-size 112 --out results/performance/inference.json
 
 bn and mabn models are folded with ``mabn.fold.fold_norms`` (every norm becomes its conv's weight and bias:
@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mabn.benchmark import (  # noqa: E402
+from mabn.benchmark import (
     channels_last_for,
     int_list,
     parser,
@@ -29,18 +25,16 @@ from mabn.benchmark import (  # noqa: E402
     run_and_record,
     time_ms,
 )
-from mabn.fold import fold_norms  # noqa: E402
-from mabn.models import build_model  # noqa: E402
-from mabn.norms import build_norm, center_conv_weights  # noqa: E402
+from mabn.fold import fold_norms
+from mabn.models import build_model
+from mabn.norms import build_norm
 
 CANDIDATES = (("bn", True), ("mabn", True), ("gn", False), ("bn", False))  # (norm, folded); first = baseline
 
 
 def build_eval_model(norm: str, folded: bool, model_name: str, device, channels_last: bool):
     recipe = build_norm(norm)
-    model = build_model(model_name, recipe.ctor, num_classes=1000, in_channels=3)
-    if recipe.weight_centering:
-        center_conv_weights(model)
+    model = build_model(model_name, recipe, num_classes=1000, in_channels=3)  # with MABN's weight centring
     model.eval()
     if folded:
         model, report = fold_norms(model, return_report=True)
@@ -67,7 +61,8 @@ def run(args) -> list[dict]:
     rows = []
     for batch in args.batches:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.randn(batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
+        x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+        x = x.contiguous(memory_format=fmt)
         base = None
         for (norm, folded), model in models.items():
             infer = functools.partial(_infer, model, x, device, dtype)
@@ -86,7 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batches", type=int_list, default=[1, 32, 256])
     args = p.parse_args(argv)
-    return run_and_record(p, args, "inference", run, settings=["model", "image_size", "batches", "repeats", "warmup"],
+    return run_and_record(p, args, "inference", run,
+                          settings=["model", "image_size", "batches", "repeats", "warmup"],
                           columns=["norm", "folded", "batch", "ms", "img_s", "ratio"])
 
 

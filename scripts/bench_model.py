@@ -1,6 +1,6 @@
 """Model benchmark: ResNet-50 training throughput and memory per norm and normalization batch.
 
-    python scripts/bench_model.py                                   # auto device, 224 px, device batch 32 and 64
+    python scripts/bench_model.py                               # auto device, 224 px, device batch 32 and 64
     python scripts/bench_model.py --image-size 112 --batches 32,64 --out results/performance/model.json
 
 One training step is forward, cross-entropy, backward and an SGD step (momentum, weight decay), under bf16
@@ -13,15 +13,11 @@ grouped rows is their img/s over that true-small-batch row of the same norm.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mabn.benchmark import (  # noqa: E402
+from mabn.benchmark import (
     channels_last_for,
     cuda_peak_mb,
     int_list,
@@ -32,18 +28,16 @@ from mabn.benchmark import (  # noqa: E402
     saved_for_backward_mb,
     time_ms,
 )
-from mabn.models import build_model  # noqa: E402
-from mabn.norms import NormContext, build_norm, center_conv_weights  # noqa: E402
-from mabn.optim import build_optimizer  # noqa: E402
+from mabn.models import build_model
+from mabn.norms import NormContext, build_norm
+from mabn.optim import build_optimizer
 
 NORMS = ("bn", "gn", "brn", "mabn")
 
 
 def build(norm: str, n: int, batch: int, model_name: str, device, channels_last: bool):
     recipe = build_norm(norm, NormContext(norm_batch=n, device_batch=batch, total_iters=1))
-    model = build_model(model_name, recipe.ctor, num_classes=1000, in_channels=3)
-    if recipe.weight_centering:
-        center_conv_weights(model)
+    model = build_model(model_name, recipe, num_classes=1000, in_channels=3)  # with MABN's weight centring
     for m in model.modules():  # the steady state of a long run: warm-ups and ramps are over
         for attr in ("warmup_iters", "renorm_iters", "r_max_iters", "d_max_iters"):
             if hasattr(m, attr):
@@ -51,8 +45,8 @@ def build(norm: str, n: int, batch: int, model_name: str, device, channels_last:
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4, "norm_weight_decay": 0.0,
-                                  "nesterov": False}, 0.01)
+    opt = build_optimizer(model, {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4,
+                                  "norm_weight_decay": 0.0, "nesterov": False}, 0.01)
     return model, opt
 
 
@@ -126,8 +120,10 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.small_norms) - set(NORMS))
     if unknown:
         p.error(f"--small-norms: unknown {unknown}; choose from {list(NORMS)}")
-    return run_and_record(p, args, "model", run, settings=["model", "image_size", "batches", "norm_batches", "repeats", "warmup"],
-                          columns=["norm", "batch", "n", "mode", "ms", "img_s", "ratio", "speedup", "saved_mb", "cuda_peak_mb"])
+    return run_and_record(p, args, "model", run,
+                          settings=["model", "image_size", "batches", "norm_batches", "repeats", "warmup"],
+                          columns=["norm", "batch", "n", "mode", "ms", "img_s", "ratio", "speedup",
+                                   "saved_mb", "cuda_peak_mb"])
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mabn.data.loaders import build_datasets, build_loaders
+from mabn.diagnostics import estimation_shift, model_from_checkpoint
+from mabn.entry import precise_bn_seed
 
-from mabn.data.loaders import build_datasets, build_loaders  # noqa: E402
-from mabn.diagnostics import estimation_shift, model_from_checkpoint  # noqa: E402
 
-
-def label(cfg) -> str:
-    return f"{cfg.norm.name} n={cfg.batch.norm_batch} {cfg.model.name} seed {cfg.seed}"
+def label(cfg, plan) -> str:
+    return f"{cfg.norm.name} n={plan.norm_batch} {cfg.model.name} seed {cfg.seed}"
 
 
 def main(argv=None) -> int:
@@ -41,19 +40,18 @@ def main(argv=None) -> int:
         parser.error(f"no such checkpoint: {', '.join(missing)}")
     results = []
     for path in args.checkpoints:
-        model, cfg = model_from_checkpoint(path)
+        model, cfg, plan = model_from_checkpoint(path)
         if args.data_root:
             cfg.data.root = args.data_root
-        train, val, _ = build_datasets(cfg.data, cfg.seed)
-        device_batch = cfg.batch.norm_batch if cfg.batch.mode == "device" else cfg.data.batch_size
-        loader, _, sampler = build_loaders(train, val, batch_size=device_batch, workers=0, rank=0, world_size=1,
-                                           seed=cfg.seed + 7919, pin_memory=False)
+        train, val = build_datasets(cfg.data, cfg.seed)
+        loader, _, sampler = build_loaders(train, val, batch_size=plan.device_batch, workers=0, rank=0,
+                                           world_size=1, seed=precise_bn_seed(cfg.seed), pin_memory=False)
         rows = estimation_shift(model, itertools.islice(loader, args.batches), torch.device("cpu"))
-        results.append({"checkpoint": str(path), "label": label(cfg), "norm": cfg.norm.name,
-                        "norm_batch": cfg.batch.norm_batch, "model": cfg.model.name, "seed": cfg.seed,
+        results.append({"checkpoint": str(path), "label": label(cfg, plan), "norm": cfg.norm.name,
+                        "norm_batch": plan.norm_batch, "model": cfg.model.name, "seed": cfg.seed,
                         "batches": args.batches, "layers": rows})
         last = rows[-1] if rows else {}
-        print(f"{label(cfg)}: {len(rows)} layers; last layer var_rel {last.get('var_rel', float('nan')):.4f} "
+        print(f"{label(cfg, plan)}: {len(rows)} layers; last layer var_rel {last.get('var_rel', float('nan')):.4f} "
               f"mean_rel {last.get('mean_rel', float('nan')):.4f}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "estimation_shift.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mabn.results import save_figure  # noqa: E402
+from mabn.checkpoint import upgrade_config
+from mabn.results import save_figure
 
 STATS = {"mu_dev": "forward: mean μ_B", "var_dev": "forward: variance σ²_B", "g_dev": "backward: g_B",
          "psi_dev": "backward: Ψ_B"}
@@ -33,7 +33,7 @@ def load_run(run_dir: Path) -> dict:
     if not trace.is_file() or not config.is_file():
         raise FileNotFoundError(f"{run_dir} has no diag_batch_stats.jsonl and hydra/config.yaml (train with "
                                 f"diag.batch_stats=true)")
-    cfg = OmegaConf.load(config)
+    cfg = upgrade_config(OmegaConf.to_container(OmegaConf.load(config)))  # runs of either config layout
     per_layer: dict[tuple[int, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for line in trace.read_text().splitlines():
         rec = json.loads(line)
@@ -41,13 +41,14 @@ def load_run(run_dir: Path) -> dict:
             per_layer[(rec["depth"], rec["layer"])][key].append(rec[key])
     layers = [{"depth": d, "layer": name, **{k: statistics.median(v) for k, v in vals.items()}}
               for (d, name), vals in sorted(per_layer.items())]
-    return {"run": str(run_dir), "norm": str(cfg.norm.name), "model": str(cfg.model.name),
-            "n": int(cfg.batch.norm_batch), "seed": int(cfg.seed), "layers": layers,
+    return {"run": str(run_dir), "norm": str(cfg["norm"]["name"]), "model": str(cfg["model"]["name"]),
+            "n": int(cfg["batch"]), "seed": int(cfg["seed"]), "layers": layers,
             **{k: statistics.median(layer[k] for layer in layers) for k in STATS}}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories")
     parser.add_argument("--out", type=Path, default=Path("results/diagnostics"))
     args = parser.parse_args(argv)

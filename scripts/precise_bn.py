@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mabn.data.loaders import build_datasets, build_loaders  # noqa: E402
-from mabn.diagnostics import model_from_checkpoint  # noqa: E402
-from mabn.engine import StepContext, evaluate  # noqa: E402
-from mabn.precise_bn import recompute_norm_stats  # noqa: E402
+from mabn.data.loaders import build_datasets, build_loaders
+from mabn.diagnostics import model_from_checkpoint
+from mabn.engine import StepContext, evaluate
+from mabn.entry import precise_bn_seed
+from mabn.precise_bn import recompute_norm_stats
 
 
 def main(argv=None) -> int:
@@ -40,22 +39,22 @@ def main(argv=None) -> int:
         parser.error(f"no such checkpoint: {args.checkpoint}")
     if args.batches < 1:
         parser.error(f"--batches must be >= 1, got {args.batches}")
-    model, cfg = model_from_checkpoint(args.checkpoint)
+    model, cfg, plan = model_from_checkpoint(args.checkpoint)
     if args.data_root:
         cfg.data.root = args.data_root
-    train, val, _ = build_datasets(cfg.data, cfg.seed)
-    device_batch = cfg.batch.norm_batch if cfg.batch.mode == "device" else cfg.data.batch_size
+    train, val = build_datasets(cfg.data, cfg.seed)
+    device_batch = plan.device_batch
     train_loader, val_loader, _ = build_loaders(train, val, batch_size=device_batch, workers=0, rank=0,
-                                                world_size=1, seed=cfg.seed + 7919, pin_memory=False)
+                                                world_size=1, seed=precise_bn_seed(cfg.seed), pin_memory=False)
     ctx, criterion = StepContext(torch.device("cpu")), nn.CrossEntropyLoss()
     running = evaluate(model, val_loader, criterion, ctx, args.eval_batches)
     recomputed_model = copy.deepcopy(model)
     used = recompute_norm_stats(recomputed_model, itertools.islice(train_loader, args.batches), ctx.device)
     recomputed = evaluate(recomputed_model, val_loader, criterion, ctx, args.eval_batches)
-    result = {"checkpoint": str(args.checkpoint), "norm": cfg.norm.name, "norm_batch": cfg.batch.norm_batch,
+    result = {"checkpoint": str(args.checkpoint), "norm": cfg.norm.name, "norm_batch": plan.norm_batch,
               "model": cfg.model.name, "recompute_batches": used, "recompute_images": used * device_batch,
               "running": running, "recomputed": recomputed}
-    print(f"{cfg.norm.name} n={cfg.batch.norm_batch}: top1 {running['top1']:.2f} with running statistics, "
+    print(f"{cfg.norm.name} n={plan.norm_batch}: top1 {running['top1']:.2f} with running statistics, "
           f"{recomputed['top1']:.2f} recomputed over {used} batches ({used * device_batch} images)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

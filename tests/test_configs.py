@@ -7,7 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mabn.config import ConfigError, normalize_batch_override, validate
+from mabn.config import ConfigError, validate
 from mabn.models import build_model
 from mabn.norms import NormContext, build_norm, registered_norms
 
@@ -24,7 +24,7 @@ def data_root(tmp_path_factory):
 
 def compose_cfg(*overrides, return_hydra_config=False):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train_imagenet", overrides=normalize_batch_override(list(overrides)),
+        return compose("train_imagenet", overrides=list(overrides),
                        return_hydra_config=return_hydra_config)
 
 
@@ -33,7 +33,7 @@ def compose_cfg(*overrides, return_hydra_config=False):
 def test_every_norm_model_batch_composes_and_builds(norm, model, data_root):
     for n in BATCHES:
         cfg = compose_cfg(f"norm={norm}", f"model={model}", f"batch={n}", "data=fmnist", f"data.root={data_root}")
-        assert cfg.batch.norm_batch == n and cfg.data.batch_size == 32
+        assert cfg.batch == n and cfg.data.batch_size == 32
         if norm == "syncbn" and n < 32:
             with pytest.raises(ConfigError, match="syncbn normalizes over the global batch"):
                 validate(cfg)
@@ -41,7 +41,7 @@ def test_every_norm_model_batch_composes_and_builds(norm, model, data_root):
         plan = validate(cfg)
         recipe = build_norm(OmegaConf.to_container(cfg.norm, resolve=True),
                             NormContext(norm_batch=plan.norm_batch, device_batch=plan.device_batch))
-        net = build_model(model, recipe.ctor, num_classes=10, in_channels=1)
+        net = build_model(model, recipe, num_classes=10, in_channels=1)
         norms = [m for m in net.modules() if type(m) is type(recipe.ctor(8))]
         assert norms, f"{model} has no {norm} layer"
         assert all(getattr(m, "group_size", None) == (n if n < 32 else None) for m in norms
@@ -50,10 +50,13 @@ def test_every_norm_model_batch_composes_and_builds(norm, model, data_root):
         net.train()(torch.randn(32, 1, 12, 12)).sum().backward()
 
 
-def test_named_batch_options_and_device_mode(data_root):
-    cfg = compose_cfg("batch=n2", "batch.mode=device", "data=fmnist", f"data.root={data_root}")
+def test_batch_is_a_plain_key_and_device_mode(data_root):
+    cfg = compose_cfg("batch=2", "batch_mode=device", "data=fmnist", f"data.root={data_root}")
     plan = validate(cfg)
     assert (plan.norm_batch, plan.device_batch, plan.sgd_batch) == (2, 2, 2)
+    with pytest.raises(ConfigError, match=r"batch=3 does not divide the device batch data.batch_size=32; valid "
+                                          r"normalization batches: \[1, 2, 4, 8, 16, 32\]"):
+        validate(compose_cfg("batch=3", "data=fmnist", f"data.root={data_root}"))
 
 
 def test_experiments_compose():
@@ -80,10 +83,10 @@ def test_norm_presets_apply_per_experiment_and_yield_to_the_command_line():
 
 def test_cifar_resnet8_is_depth_8():
     recipe = build_norm("bn")
-    assert sum(1 for m in build_model("cifar_resnet8", recipe.ctor, num_classes=10, in_channels=1).modules()
+    assert sum(1 for m in build_model("cifar_resnet8", recipe, num_classes=10, in_channels=1).modules()
                if isinstance(m, torch.nn.Conv2d)) == 1 + 3 * 2 + 2  # stem, 3 blocks of 2, 2 projections
     with pytest.raises(ValueError, match="cifar_resnet8 has depth 8, got model.depth=20"):
-        build_model("cifar_resnet8", recipe.ctor, num_classes=10, in_channels=1, depth=20)
+        build_model("cifar_resnet8", recipe, num_classes=10, in_channels=1, depth=20)
 
 
 def test_slurm_launcher_composes():
@@ -112,5 +115,5 @@ def test_xbnblock_models_compose_and_build(model, data_root):
     recipe = build_norm(OmegaConf.to_container(cfg.norm, resolve=True),
                         NormContext(norm_batch=plan.norm_batch, device_batch=plan.device_batch))
     options = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
-    net = build_model(model, recipe.ctor, num_classes=10, in_channels=1, **options)
+    net = build_model(model, recipe, num_classes=10, in_channels=1, **options)
     assert any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())

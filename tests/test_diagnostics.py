@@ -11,7 +11,7 @@ import torch
 
 from mabn.diagnostics import estimation_shift
 from mabn.models import build_model
-from mabn.norms import NormContext, build_norm, center_conv_weights
+from mabn.norms import NormContext, build_norm
 from mabn.precise_bn import recompute_norm_stats
 
 from .tinydata import make_fmnist_like
@@ -22,9 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("name", ["bn", "brn", "mabn"])
 def test_estimation_shift_zero_after_recompute_positive_before(name):
     recipe = build_norm(name, NormContext(norm_batch=2, device_batch=8))
-    model = build_model("cifar_resnet20", recipe.ctor, num_classes=10, in_channels=1, depth=8, width=8)
-    if recipe.weight_centering:
-        center_conv_weights(model)
+    model = build_model("cifar_resnet20", recipe, num_classes=10, in_channels=1, depth=8, width=8)  # centred
     batches = [(torch.randn(8, 1, 12, 12) * 3 + 1, torch.zeros(8, dtype=torch.long)) for _ in range(4)]
     before = estimation_shift(model, batches, torch.device("cpu"))  # running stats still at their init
     assert len(before) == len([m for m in model.modules() if type(m) is type(recipe.ctor(4))])

@@ -10,7 +10,7 @@ from mabn.preemption import StopSignals
 
 @pytest.fixture(autouse=True)
 def restore_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)

@@ -24,6 +24,18 @@ def test_norm_config_mirrors_registry(name):
     build_norm({"name": name, **cfg})
 
 
+def test_no_function_of_the_package_or_entry_scripts_is_longer_than_60_lines():
+    """Orchestration stays readable: a longer function is a sign that one concern grew into another's."""
+    import ast
+
+    long = []
+    for path in [*sorted((ROOT / "mabn").rglob("*.py")), ROOT / "train_imagenet.py", ROOT / "train_coco.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not long, long
+
+
 def test_readme_commands_are_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```[\w-]*\n(.*?)```", readme, flags=re.S)

@@ -81,7 +81,7 @@ def test_nonfinite_loss_exits_3_with_a_diverged_record(tmp_path):
     (["data=coco", "data.root=/nonexistent"], "train2017"),
     (["data=coco"], "data.root is not set for data=coco"),
     (["solver.steps=[200000]"], "solver.steps must be increasing iterations inside"),
-    (["batch.mode=grouped"], "detection trains with batch.mode=device"),
+    (["batch_mode=grouped"], "detection trains with batch_mode=device"),
     (["norm.name=nope"], "registered norms: bn, brn, frozenbn, gn, mabn, syncbn"),
     (["model.weights=/nonexistent.pt"], "model.weights=/nonexistent.pt is not a file"),
 ])
@@ -96,7 +96,7 @@ def test_imagenet_weights_of_another_norm_exit_2(tmp_path):
     from mabn.models import build_model
     from mabn.norms import build_norm
 
-    net = build_model("resnet50", build_norm("bn").ctor, num_classes=10)
+    net = build_model("resnet50", build_norm("bn"), num_classes=10)
     torch.save({"model": net.state_dict()}, tmp_path / "bn.pt")
     out = train_coco(["norm=mabn", f"model.weights={tmp_path / 'bn.pt'}"], tmp_path / "runs", tmp_path / "data",
                      check=False)
@@ -106,10 +106,9 @@ def test_imagenet_weights_of_another_norm_exit_2(tmp_path):
 def compose_coco(*overrides, return_hydra_config=False):
     from hydra import compose, initialize_config_dir
 
-    from mabn.config import normalize_batch_override
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train_coco", overrides=normalize_batch_override(list(overrides)),
+        return compose("train_coco", overrides=list(overrides),
                        return_hydra_config=return_hydra_config)
 
 
@@ -119,7 +118,7 @@ def test_every_norm_and_experiment_composes(tmp_path):
 
     for norm in registered_norms():
         cfg = compose_coco(f"norm={norm}", "batch=2")
-        assert (cfg.batch.norm_batch, cfg.batch.mode, cfg.data.name) == (2, "device", "shapes")
+        assert (cfg.batch, cfg.batch_mode, cfg.data.name) == (2, "device", "shapes")
         validate_detection(cfg)
     scratch = compose_coco("experiment=coco_2x_scratch", "norm=mabn")
     assert (scratch.solver.max_iter, list(scratch.solver.steps), scratch.solver.warmup_iters) == \

@@ -31,7 +31,7 @@ def _expected_gn(name, model_name):
 @pytest.mark.parametrize("model_name", ["resnet50_xbn", "resnet18_xbn", "cifar_resnet20_xbn"])
 def test_xbnblock_puts_groupnorm_at_the_official_positions(model_name):
     ctx = NormContext(norm_batch=2, device_batch=8)
-    model = build_model(model_name, build_norm("bn", ctx).ctor, num_classes=10, in_channels=3)
+    model = build_model(model_name, build_norm("bn", ctx), num_classes=10, in_channels=3)
     norms = _norms(model)
     gn = {n for n, m in norms.items() if isinstance(m, nn.GroupNorm)}
     assert gn == {n for n in norms if _expected_gn(n, model_name)} and "bn1" in gn
@@ -43,20 +43,19 @@ def test_xbnblock_puts_groupnorm_at_the_official_positions(model_name):
 
 
 def test_xbnblock_ablation_positions_and_errors():
-    model = build_model("resnet50_xbn", build_norm("bn").ctor, num_classes=10, xbn_positions=["bn3", "downsample"])
+    model = build_model("resnet50_xbn", build_norm("bn"), num_classes=10, xbn_positions=["bn3", "downsample"])
     gn = {n for n, m in _norms(model).items() if isinstance(m, nn.GroupNorm)}
     assert gn and all(n.endswith((".bn3", ".downsample.1")) for n in gn)
     assert len([n for n in gn if n.endswith("downsample.1")]) == 4  # one shortcut per stage
     with pytest.raises(ValueError, match="unknown XBNBlock position.*valid: stem, bn1, bn2, bn3, downsample"):
-        build_model("resnet18_xbn", build_norm("bn").ctor, num_classes=10, xbn_positions=["conv"])
+        build_model("resnet18_xbn", build_norm("bn"), num_classes=10, xbn_positions=["conv"])
     with pytest.raises(ValueError, match="bn3 exists only in bottleneck"):
-        build_model("resnet18_xbn", build_norm("bn").ctor, num_classes=10, xbn_positions=["bn3"])
+        build_model("resnet18_xbn", build_norm("bn"), num_classes=10, xbn_positions=["bn3"])
 
 
 def test_xbnblock_with_mabn_centres_only_convs_feeding_mabn():
-    model = build_model("cifar_resnet20_xbn", build_norm("mabn", NormContext(norm_batch=2, device_batch=4)).ctor,
+    model = build_model("cifar_resnet20_xbn", build_norm("mabn", NormContext(norm_batch=2, device_batch=4)),
                         num_classes=10, in_channels=1)
-    center_conv_weights(model)
     assert not is_centered(model.conv1) and not is_centered(model.layers[0].conv1)  # feed GroupNorm
     assert is_centered(model.layers[0].conv2) and isinstance(model.layers[0].bn2, MABN2d)
 
@@ -67,7 +66,7 @@ def test_xbnblock_with_mabn_centres_only_convs_feeding_mabn():
     ("resnet18", "stage1", {"bn1"} | {f"layer1.{i}.{b}" for i in range(2) for b in ("bn1", "bn2")}),
 ])
 def test_fewer_norms_keep_only_the_early_ones_and_start_as_identity(model_name, until, kept):
-    model = build_model(model_name, build_norm("bn").ctor, num_classes=10, in_channels=1, norm_until=until)
+    model = build_model(model_name, build_norm("bn"), num_classes=10, in_channels=1, norm_until=until)
     assert set(_norms(model)) == kept
     x = torch.randn(4, 1, 32, 32)
     model.eval()
@@ -77,9 +76,9 @@ def test_fewer_norms_keep_only_the_early_ones_and_start_as_identity(model_name, 
     torch.testing.assert_close(later(h), h)  # zero-initialised last conv: the block is the identity
     model.train()(x).sum().backward()
     with pytest.raises(ValueError, match="norm_until must be one of"):
-        build_model(model_name, build_norm("bn").ctor, num_classes=10, norm_until="stage9")
+        build_model(model_name, build_norm("bn"), num_classes=10, norm_until="stage9")
 
 
 def test_groupnorm_of_xbn_is_the_registry_layer():
-    model = build_model("resnet18_xbn", build_norm("gn").ctor, num_classes=10)
+    model = build_model("resnet18_xbn", build_norm("gn"), num_classes=10)
     assert all(isinstance(m, GroupNorm) for m in _norms(model).values())

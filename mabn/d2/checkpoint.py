@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mabn.checkpoint import CheckpointError
+from mabn.checkpoint import read as read_checkpoint
 from mabn.norms import BatchRenorm2d, MABN2d
 
 logger = logging.getLogger(__name__)
@@ -79,8 +81,14 @@ def read_imagenet_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"ImageNet weights {path} do not exist (model.weights: a train_imagenet.py "
                                 f"checkpoint, a torchvision .pth or a detectron2 .pkl)")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    state = obj["model"] if isinstance(obj, dict) and "model" in obj else obj
+    try:  # the project's checkpoint format, read by its one reader
+        return read_checkpoint(path).payload["model"]
+    except CheckpointError:
+        try:  # a plain state dict (torchvision's files), or one under "model"
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for a torn or foreign file
+            raise ValueError(f"cannot read {path}: {err}") from err
+        state = state["model"] if isinstance(state, dict) and "model" in state else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} holds neither a train_imagenet.py checkpoint nor a ResNet state dict")
     return state

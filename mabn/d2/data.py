@@ -15,6 +15,11 @@ from detectron2.data import build_detection_train_loader as d2_train_loader
 from detectron2.data import transforms as T
 from detectron2.data.samplers import TrainingSampler
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+from torch.utils.data import DataLoader
+
+from mabn import dist
+from mabn.data import dataset_spec
+from mabn.data.loaders import ignore_stop_signals
 
 
 class _ResumableSampler(TrainingSampler):
@@ -40,6 +45,40 @@ def register_coco(name: str, json_file, image_root) -> str:
     return name
 
 
+def register_splits(data_cfg, *, is_main: bool) -> tuple[str, str]:
+    """Register ``data``'s train and val splits (the generated set is written once, by rank 0)."""
+    build = dataset_spec(data_cfg.name, "detection").build
+    if is_main:
+        build(data_cfg)
+    dist.barrier()
+    splits = build(data_cfg)  # already there: returns the paths
+    return (register_coco(f"mabn_{data_cfg.name}_train", *splits["train"]),
+            register_coco(f"mabn_{data_cfg.name}_val", *splits["val"]))
+
+
+def mappers(data_cfg, image_format: str) -> tuple[DatasetMapper, DatasetMapper]:
+    """The train and test mappers of ``data`` (sizes and mask format from its config)."""
+    common = dict(image_format=image_format, mask_format=data_cfg.mask_format)
+    return (mapper(is_train=True, min_size=data_cfg.min_size_train, max_size=data_cfg.max_size_train, **common),
+            mapper(is_train=False, min_size=data_cfg.min_size_test, max_size=data_cfg.max_size_test, **common))
+
+
+def _ignore_stop_signals_in_workers(loader):
+    """detectron2 builds the DataLoader with its own worker_init_fn; chain the project's after it so that a
+    stop signal sent to the process group leaves the workers alive (mabn.data.loaders.ignore_stop_signals)."""
+    inner = loader if isinstance(loader, DataLoader) else getattr(loader, "dataset", None)
+    if isinstance(inner, DataLoader) and inner.num_workers:
+        first = inner.worker_init_fn
+
+        def init(worker_id: int) -> None:
+            if first is not None:
+                first(worker_id)
+            ignore_stop_signals(worker_id)
+
+        inner.worker_init_fn = init
+    return loader
+
+
 def mapper(*, is_train: bool, min_size: Sequence[int] | int, max_size: int, image_format: str,
            mask_format: str) -> DatasetMapper:
     """detectron2's DatasetMapper with the standard detection augmentation (shortest-edge resize, flip)."""
@@ -58,9 +97,9 @@ def train_loader(dataset_name: str, dataset_mapper: DatasetMapper, *, images_per
     sampler = _ResumableSampler(len(dataset), seed=seed, start=start_iter * images_per_device)
     # A loader seed of its own: creating the loader's iterator (at a resume) must not draw from the global
     # torch RNG, which RoI sampling uses and checkpoints restore. Workers' seeds depend on where it starts.
-    return d2_train_loader(dataset, mapper=dataset_mapper, sampler=sampler,
-                           total_batch_size=images_per_device * world_size, num_workers=workers,
-                           seed=seed * 1_000_003 + start_iter)
+    return _ignore_stop_signals_in_workers(d2_train_loader(
+        dataset, mapper=dataset_mapper, sampler=sampler, total_batch_size=images_per_device * world_size,
+        num_workers=workers, seed=seed * 1_000_003 + start_iter))
 
 
 def evaluate_coco(model, dataset_name: str, dataset_mapper: DatasetMapper, output_dir: str | None,

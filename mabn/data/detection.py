@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .loaders import DataConfigError
+from .registry import DataConfigError, register_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -182,3 +182,15 @@ def make_shapes(root: str | Path, spec: ShapesSpec = ShapesSpec()) -> dict[str, 
             if leftover is not None and leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
     return _shapes_paths(root)
+
+
+@register_dataset("coco", task="detection", check=lambda d: check_coco_root(d["root"]))
+def _coco(data_cfg) -> dict[str, tuple[Path, Path]]:
+    return check_coco_root(data_cfg["root"])
+
+
+@register_dataset("shapes", task="detection", check=lambda d: None)  # generated on first use: nothing to check
+def _shapes(data_cfg) -> dict[str, tuple[Path, Path]]:
+    spec = ShapesSpec(num_train=data_cfg["num_train"], num_val=data_cfg["num_val"],
+                      image_size=data_cfg["image_size"])
+    return make_shapes(data_cfg["root"], spec)

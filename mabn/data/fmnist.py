@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .registry import DataConfigError
+
 FMNIST_DEFAULT_ROOT = Path(os.environ.get("FMNIST_ROOT", "/usr/share/datasets/fashion-mnist"))
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot")
@@ -47,6 +49,18 @@ def _find(root: Path, stem: str) -> Path:
         f"Fashion-MNIST file {stem}[.gz] not found in {root}. Install Debian's package "
         f"(`apt-get install dataset-fashion-mnist`, what scripts/install.sh does as root), or set data.root / "
         f"FMNIST_ROOT to a folder holding the four IDX files.")
+
+
+def check_fmnist_root(root) -> Path:
+    """``root`` holding the four IDX files, or a DataConfigError saying what is missing and how to get it."""
+    root = Path(root) if root not in (None, "", "None") else FMNIST_DEFAULT_ROOT
+    try:
+        for stems in _FILES.values():
+            for stem in stems:
+                _find(root, stem)
+    except FileNotFoundError as err:
+        raise DataConfigError(f"data.root={root}: {err}") from err
+    return root
 
 
 class FashionMNIST(Dataset):

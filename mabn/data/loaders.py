@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
-from .fmnist import FashionMNIST
+from .fmnist import FashionMNIST, check_fmnist_root
+from .registry import DataConfigError, dataset_spec, register_dataset
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
-
-
-class DataConfigError(ValueError):
-    """A data setting that cannot work (missing root, wrong layout); raised before training starts."""
 
 
 def check_imagenet_root(root, num_classes: int | None = None) -> Path:
@@ -53,12 +51,19 @@ def check_imagenet_root(root, num_classes: int | None = None) -> Path:
 
 
 class _CheckedImageFolder(datasets.ImageFolder):
-    """ImageFolder whose unreadable images raise an error naming the file, or are replaced and counted."""
+    """ImageFolder whose unreadable images raise an error naming the file, or are replaced and counted.
+
+    The count lives in a shared-memory flag per image: loader worker processes mark what they skip, and the
+    main process reads how many distinct images were unreadable (``skipped``), whatever the worker count."""
 
     def __init__(self, root, transform, skip_corrupt: bool):
         super().__init__(root, transform=transform)
         self.skip_corrupt = skip_corrupt
-        self.skipped = 0
+        self.unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    @property
+    def skipped(self) -> int:
+        return int(self.unreadable.sum())
 
     def __getitem__(self, index):
         for offset in range(len(self.samples)):
@@ -70,9 +75,8 @@ class _CheckedImageFolder(datasets.ImageFolder):
                 if not self.skip_corrupt:
                     raise RuntimeError(f"cannot read image {path}: {err} (set data.skip_corrupt=true to skip "
                                        f"unreadable images and count them)") from err
-                self.skipped += 1
-                logger.warning("skipping unreadable image %s (%s); %d skipped so far in this process",
-                               path, err, self.skipped)
+                self.unreadable[i] = True
+                logger.warning("skipping unreadable image %s (%s)", path, err)
                 continue
             return (self.transform(image) if self.transform else image), target
         raise RuntimeError(f"no readable image in {self.root}")
@@ -128,38 +132,58 @@ class ResumableSampler(Sampler[int]):
 
 
 def build_datasets(data_cfg, seed: int):
-    """(train dataset with seeded augmentation, val dataset, input channels) for data=imagenet|fmnist."""
-    name = data_cfg["name"]
-    if name == "imagenet":
-        root = check_imagenet_root(data_cfg["root"], data_cfg["num_classes"])
-        size = data_cfg["image_size"]
-        normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                       transforms.ToTensor(), normalize])
-        val_tf = transforms.Compose([transforms.Resize(int(round(size * 256 / 224))), transforms.CenterCrop(size),
-                                     transforms.ToTensor(), normalize])
-        train = _CheckedImageFolder(root / "train", None, data_cfg["skip_corrupt"])
-        val = _CheckedImageFolder(root / "val", val_tf, data_cfg["skip_corrupt"])
-        return SeededAugment(train, train_tf, seed), val, 3
-    if name == "fmnist":
-        root = data_cfg["root"]
-        to_float = transforms.Compose([transforms.ConvertImageDtype(torch.float32),
-                                       transforms.Normalize(FMNIST_MEAN, FMNIST_STD)])
-        train_tf = transforms.Compose([transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(),
-                                       to_float])
-        try:
-            train, val = FashionMNIST(root, "train"), FashionMNIST(root, "test", transform=to_float)
-        except FileNotFoundError as err:
-            raise DataConfigError(str(err)) from err
-        return SeededAugment(train, train_tf, seed), val, 1
-    raise DataConfigError(f"unknown data {name!r}; valid: imagenet, fmnist")
+    """(train dataset with seeded augmentation, val dataset) for a registered classification ``data``."""
+    return dataset_spec(data_cfg["name"], "classification").build(data_cfg, seed)
+
+
+def skipped_images(*datasets_) -> int:
+    """Distinct unreadable images skipped so far (data.skip_corrupt) across ``datasets_`` and their workers."""
+    return sum(getattr(getattr(d, "base", d), "skipped", 0) for d in datasets_)
+
+
+@register_dataset("imagenet", task="classification", in_channels=3,
+                  check=lambda d: check_imagenet_root(d["root"], d["num_classes"]))
+def _imagenet(data_cfg, seed: int):
+    root = check_imagenet_root(data_cfg["root"], data_cfg["num_classes"])
+    size = data_cfg["image_size"]
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    val_tf = transforms.Compose([transforms.Resize(int(round(size * 256 / 224))), transforms.CenterCrop(size),
+                                 transforms.ToTensor(), normalize])
+    train = _CheckedImageFolder(root / "train", None, data_cfg["skip_corrupt"])
+    val = _CheckedImageFolder(root / "val", val_tf, data_cfg["skip_corrupt"])
+    return SeededAugment(train, train_tf, seed), val
+
+
+@register_dataset("fmnist", task="classification", in_channels=1, check=lambda d: check_fmnist_root(d["root"]))
+def _fmnist(data_cfg, seed: int):
+    to_float = transforms.Compose([transforms.ConvertImageDtype(torch.float32),
+                                   transforms.Normalize(FMNIST_MEAN, FMNIST_STD)])
+    train_tf = transforms.Compose([transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(),
+                                   to_float])
+    root = check_fmnist_root(data_cfg["root"])
+    train, val = FashionMNIST(root, "train"), FashionMNIST(root, "test", transform=to_float)
+    return SeededAugment(train, train_tf, seed), val
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers ignore the stop signals: Ctrl-C, ``timeout`` and SLURM signal the whole process group,
+    and torch's worker handler re-raises SIGTERM from anyone but the parent, killing the worker mid-epoch.
+    The main process checkpoints at the next step and shuts its workers down itself."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_loaders(train_ds, val_ds, *, batch_size: int, workers: int, rank: int, world_size: int, seed: int,
                   pin_memory: bool):
     """Train loader (resumable sampler, whole batches) and val loader (this rank's shard, no padding)."""
     sampler = ResumableSampler(len(train_ds), batch_size, rank=rank, world_size=world_size, seed=seed)
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=False)
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
+                  worker_init_fn=ignore_stop_signals if workers else None)
     train = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
     shard = list(range(rank, len(val_ds), world_size))
     val = DataLoader(torch.utils.data.Subset(val_ds, shard), batch_size=batch_size, shuffle=False, **common)
@@ -172,4 +196,4 @@ def iters_per_epoch(sampler: ResumableSampler, cap: int | None) -> int:
 
 
 __all__ = ["DataConfigError", "ResumableSampler", "SeededAugment", "build_datasets", "build_loaders",
-           "check_imagenet_root", "iters_per_epoch"]
+           "check_imagenet_root", "ignore_stop_signals", "iters_per_epoch", "skipped_images"]

@@ -1,4 +1,4 @@
-"""Models built through the norm registry: ``build_model(name, norm_ctor, ...)``; model code never names a norm."""
+"""Models built through the norm registry: ``build_model(name, norm_recipe, ...)``; model code never names a norm."""
 
 from .registry import build_model, registered_models
 

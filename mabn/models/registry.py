@@ -1,4 +1,5 @@
-"""Model registry: name -> builder(norm_ctor, num_classes, in_channels, **options)."""
+"""Model registry: name -> builder(norm_ctor, num_classes, in_channels, **options); ``build_model`` applies a norm
+recipe whole (its constructor and the conv parametrization it pairs with, e.g. MABN's weight centring)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable
 import torchvision
 from torch import nn
 
-from mabn.norms import build_norm
+from mabn.norms import NormRecipe, build_norm
 
 from .cifar_resnet import CifarResNet
 from .variants import apply_xbnblock, keep_norms_until
@@ -32,15 +33,18 @@ def registered_models() -> tuple[str, ...]:
     return tuple(sorted(_MODELS))
 
 
-def build_model(name: str, norm_ctor: Callable[[int], nn.Module], *, num_classes: int, in_channels: int = 3,
+def build_model(name: str, norm: NormRecipe | str | dict, *, num_classes: int, in_channels: int = 3,
                 norm_until: str = "all", **options) -> nn.Module:
-    """Build a registered model whose every norm layer is ``norm_ctor(channels)`` (XBNBlock models: all but
-    their batch-free positions); ``norm_until`` (stem, stage1) removes the norms after that point."""
+    """Build a registered model whose every norm layer is the recipe's (XBNBlock models: all but their
+    batch-free positions), with the convs feeding those norms parametrized as the recipe asks (weight
+    centring for MABN); ``norm_until`` (stem, stage1) removes the norms after that point. ``norm`` is a
+    recipe from ``build_norm`` or a norm config / name built with the registry's defaults."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(registered_models())}")
-    model = _MODELS[name](norm_ctor, num_classes=num_classes, in_channels=in_channels, **options)
+    recipe = norm if isinstance(norm, NormRecipe) else build_norm(norm)
+    model = _MODELS[name](recipe.ctor, num_classes=num_classes, in_channels=in_channels, **options)
     keep_norms_until(model, norm_until)
-    return model
+    return recipe.prepare(model)
 
 
 def _torchvision_resnet(arch: str):

@@ -57,6 +57,15 @@ class NormRecipe:
     batch_dependent: bool = False
     params: Mapping[str, Any] = field(default_factory=dict)
 
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Parametrize the convs that feed this recipe's norms as it asks (MABN: weight centring), in place.
+        Model builders call it once after building; a model built by hand calls it too."""
+        if self.weight_centering:
+            from .centering import center_conv_weights  # centering reads the registry's type tuples
+
+            center_conv_weights(model)
+        return model
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -132,10 +141,43 @@ def build_norm(cfg: Mapping[str, Any] | str, context: NormContext | None = None)
     if unknown:
         raise ValueError(f"unknown hyper-parameter(s) {unknown} for norm {name!r}; valid: {sorted(entry.defaults)}")
     merged = {**entry.defaults, **{k: v for k, v in params.items() if v is not None}}
+    for key, value in merged.items():
+        _check_value(key, value)
     ctx = context or NormContext()
     recipe = entry.builder(merged, ctx)
     _check_ctor(recipe)
     return recipe
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# What each hyper-parameter name means in every norm that has it; checked before any layer is built.
+_VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "eps": (lambda v: _number(v) and v > 0, "a positive number"),
+    "momentum": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1] (the weight of the new value)"),
+    "window": (lambda v: v is None or (_count(v) and v > 0), "a positive integer or null"),
+    "num_groups": (lambda v: _count(v) and v > 0, "a positive integer"),
+    "warmup_iters": (_count, "a non-negative integer"),
+    "renorm_iters": (_count, "a non-negative integer"),
+    "r_max_iters": (_count, "a non-negative integer"),
+    "d_max_iters": (_count, "a non-negative integer"),
+    "schedule_ref_iters": (lambda v: v is None or (_count(v) and v > 0), "a positive integer or null"),
+    "r_max": (lambda v: _number(v) and v >= 1, "a number >= 1"),
+    "d_max": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "weight_centering": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check_value(key: str, value: Any) -> None:
+    ok, what = _VALUE_RULES.get(key, (lambda v: True, ""))
+    if not ok(value):
+        raise ValueError(f"norm.{key} must be {what}, got {value!r}")
 
 
 def _check_ctor(recipe: NormRecipe) -> None:
@@ -208,7 +250,7 @@ def _build_syncbn(p: dict, ctx: NormContext) -> NormRecipe:
     # SyncBN normalizes over the whole global batch (device batch x world size); it has no group_size.
     if ctx.group_size is not None:
         raise ValueError(f"syncbn normalizes over the global batch; normalization batch {ctx.norm_batch} "
-                         f"!= device batch {ctx.device_batch} (use batch.mode=device or bn with groups)")
+                         f"!= device batch {ctx.device_batch} (use batch_mode=device or bn with groups)")
     return NormRecipe("syncbn", functools.partial(SyncBatchNorm, eps=p["eps"], momentum=p["momentum"]),
                       batch_dependent=True, params=p)
 

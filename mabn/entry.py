@@ -1,0 +1,80 @@
+"""What both entry scripts share: exit codes, the error/cleanup wrapper, AMP modes, run facts for summary.json."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import dist
+from .config import ConfigError
+from .loop import EXIT_NONFINITE
+from .preemption import EXIT_PREEMPTED, StopSignals, end_job
+from .records import git_sha, hardware
+
+EXIT_CONFIG = 2
+__all__ = ["EXIT_CONFIG", "EXIT_NONFINITE", "EXIT_PREEMPTED", "RunFacts", "amp_dtype", "config_failure", "finish",
+           "precise_bn_seed", "run_job"]
+HYDRA_FILES = ("hydra",)  # what Hydra itself writes into a run directory before the job starts (and *.log)
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """train.amp: auto is bf16 on a GPU and off on a CPU."""
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+
+
+def precise_bn_seed(seed: int) -> int:
+    """The seed of the loader that recomputes statistics: another order than the training loader's."""
+    return seed + 7919
+
+
+def config_failure(err: ConfigError, run_dir: Path | None = None) -> int:
+    """Print a config error; remove ``run_dir`` when it holds nothing but what Hydra wrote for this start
+    (an invalid config leaves no run directory behind)."""
+    print(f"config error: {err}", file=sys.stderr, flush=True)
+    if run_dir is not None and run_dir.is_dir():
+        own = [p for p in run_dir.iterdir() if p.name not in HYDRA_FILES and p.suffix != ".log"]
+        if not own:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return EXIT_CONFIG
+
+
+def run_job(body: Callable[[StopSignals], int], run_dir: Path | None = None) -> int:
+    """Run one process's job: a ConfigError found while building exits 2, the process group is torn down,
+    and after a stop by signal submitit's requeue handler runs (the checkpoint is written by then)."""
+    stops = StopSignals()
+    try:
+        code = body(stops)
+    except ConfigError as err:
+        code = config_failure(err, run_dir)
+    finally:
+        dist.cleanup()
+    if code == EXIT_PREEMPTED:
+        stops.hand_over()
+    return code
+
+
+def finish(code: int) -> int:
+    """Exit with the job's code (see ``preemption.end_job`` for multirun cells)."""
+    return end_job(code)
+
+
+class RunFacts:
+    """What every summary.json says, whatever the task and however the run ended."""
+
+    def __init__(self, **facts):
+        self.sha = git_sha()  # the code this process runs, read before anything can change it
+        self.facts = facts
+
+    def __call__(self, **more) -> dict:
+        device = self.facts.get("device_obj")
+        base = {k: v for k, v in self.facts.items() if k != "device_obj"}
+        return {**base, "device": hardware(device) if device is not None else None, "git_sha": self.sha,
+                "torch": torch.__version__, "command": " ".join(sys.argv),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **more}

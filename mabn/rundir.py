@@ -1,0 +1,133 @@
+"""One run per directory: claim a run directory before anything is built, or refuse to mix two runs in it.
+
+A run directory holds the records (metrics.jsonl, summary.json, traces) and checkpoints of exactly one run,
+named by ``run.json`` (the settings that make it that run). A start finds one of: an empty directory (a new
+run), the same run with a checkpoint (resume), the same run without one (an earlier start died before its
+first checkpoint: its records cannot match any checkpoint and are discarded, with a notice), or another run
+(refused, naming the directory and the settings that differ, unless ``run.overwrite=true`` deletes it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .config import ConfigError
+
+RUN_FILE = "run.json"
+RECORD_FILES = ("metrics.jsonl", "summary.json", "diag_batch_stats.jsonl", "wandb_id.txt")
+# a run's identity: change any of these and it is another run (its checkpoint cannot continue it)
+IDENTITY = ("norm", "batch", "batch_mode", "model", "seed", "data.name", "data.batch_size", "data.num_classes",
+            "data.image_size", "solver")
+
+
+def _get(cfg: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+def identity(cfg: dict) -> dict:
+    """The settings that name a run (absent keys, e.g. detection's solver in classification, are left out)."""
+    return {k: _get(cfg, k) for k in IDENTITY if _get(cfg, k) is not None}
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: obj}
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every leaf setting that differs."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create ``run_dir/checkpoints`` and write a probe file there: a read-only disk fails now, not at the
+    first checkpoint an epoch later."""
+    probe = run_dir / "checkpoints" / f".write-probe-{os.getpid()}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"run.dir={run_dir} is not writable ({err.strerror}: {err.filename}); choose another "
+                          f"run.dir or MABN_RUNS") from err
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """The files a run leaves in its directory (Hydra's own hydra/ folder and log are not among them)."""
+    found = [run_dir / f for f in (RUN_FILE, *RECORD_FILES) if (run_dir / f).exists()]
+    ckpt = run_dir / "checkpoints"
+    return found + sorted(p for p in ckpt.iterdir() if not p.name.startswith(".write-probe")) if ckpt.is_dir() \
+        else found
+
+
+def _delete(run_dir: Path, files: list[Path]) -> None:
+    for path in files:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def claim(run_dir: Path, cfg: dict, *, has_checkpoint: bool, resume: bool, overwrite: bool,
+          checkpoint_config: dict | None = None, unreadable: list[str] = ()) -> list[str]:
+    """Make ``run_dir`` this run's, or raise ConfigError; returns the notices to print.
+
+    ``has_checkpoint``: a readable checkpoint of this directory exists (``checkpoint_config`` its config);
+    ``unreadable``: why each newer checkpoint file could not be read."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files, notices, me = run_files(run_dir), [], identity(cfg)
+    if files and overwrite:
+        _delete(run_dir, files)
+        notices.append(f"run.overwrite=true: deleted the earlier run's files in {run_dir}")
+    elif files:
+        owner_file = run_dir / RUN_FILE
+        owner = json.loads(owner_file.read_text())["identity"] if owner_file.exists() else \
+            identity(checkpoint_config) if checkpoint_config is not None else None
+        if owner is None:
+            raise ConfigError(f"run.dir={run_dir} holds files of an unknown run ({', '.join(p.name for p in files[:4])}); "
+                              f"choose another run.name or run.dir, or set run.overwrite=true to delete them")
+        if owner != me:
+            raise ConfigError(f"run.dir={run_dir} holds another run ({'; '.join(differences(owner, me)[:4])}); "
+                              f"choose another run.name or run.dir, or set run.overwrite=true to delete it")
+        if has_checkpoint and not resume:
+            raise ConfigError(f"run.dir={run_dir} holds this run's checkpoint; rerun without run.resume=false to "
+                              f"continue it, or set run.overwrite=true to delete it and start over")
+        if not has_checkpoint and unreadable:
+            raise ConfigError(f"no checkpoint in {run_dir / 'checkpoints'} can be read ({'; '.join(unreadable)}); "
+                              f"move them away to start this run over, or set run.overwrite=true to delete them")
+        if not has_checkpoint:
+            stale = [p for p in files if p.name != RUN_FILE]
+            _delete(run_dir, stale)
+            if stale:
+                notices.append(f"{run_dir} has no checkpoint: the records of an earlier start that never "
+                               f"checkpointed are discarded ({', '.join(p.name for p in stale)}); starting over")
+    record = {"identity": me, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if not (run_dir / RUN_FILE).exists():
+        (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return notices
+
+
+RESTORED = ("optim.",)  # settings a checkpoint's optimizer state brings back: a change needs run.allow_changes
+UNRECORDED = ("run.", "logger.", "launcher.", "hydra.", "train.progress", "train.stop_after_iters", "data.root",
+              "data.workers")  # where a run runs and how it reports: free to change on any resume
+
+
+def resume_changes(saved: dict, current: dict, allowed, iteration: int) -> list[dict]:
+    """The settings a resume changes, to record; a change the checkpoint would silently undo (the optimizer's
+    hyper-parameters) is refused unless ``allowed`` (run.allow_changes) names it."""
+    a, b = _flat(saved), _flat(current)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(UNRECORDED)]
+    blocked = [k for k in keys if k.startswith(RESTORED) and k not in set(allowed or ())]
+    if blocked:
+        shown = ", ".join(f"{k}={a.get(k)!r} (now {b.get(k)!r})" for k in blocked)
+        raise ConfigError(f"the checkpoint restores {shown}: resuming would silently keep the checkpoint's "
+                          f"value; to apply the new one from iteration {iteration}, add run.allow_changes="
+                          f"[{','.join(blocked)}], or start another run with another run.name")
+    return [{"iter": iteration, "key": k, "old": a.get(k), "new": b.get(k)} for k in keys]

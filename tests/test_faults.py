@@ -1,0 +1,242 @@
+"""Fault injection through the real entry points: whatever goes wrong, the records and checkpoints on disk say
+what really ran (stop signals to the whole process group, restarts without a checkpoint, divergence, changed
+settings on resume, torn files, unwritable run directories, bad hyper-parameters, skipped images, DDP stops)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .test_train import ROOT, TINY, run_dir, train
+from .tinydata import make_fmnist_like, make_imagefolder
+
+SHORT = ["norm=mabn", "batch=2", "epochs=2", "train.max_iters_per_epoch=6"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_fmnist_like(tmp_path_factory.mktemp("fmnist"))
+
+
+def _records(d: Path) -> list[dict]:
+    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_iters(d: Path) -> list[int]:
+    return [r["iter"] for r in _records(d) if "train/loss" in r]
+
+
+def _checkpoints(d: Path) -> list[Path]:
+    return sorted((d / "checkpoints").glob("*.pt"))
+
+
+def _popen(args, runs, data_root, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(runs)}
+    cmd = [sys.executable, str(ROOT / "train_imagenet.py"), *TINY, f"data.root={data_root}", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+
+
+def _wait_for(pattern: str, root: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not list(root.glob(pattern)) and time.time() < deadline:
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_stop_signal_to_the_process_group_with_workers_checkpoints(sig, tmp_path, data_root):
+    """Ctrl-C, `timeout` and SLURM signal every process of the job, DataLoader workers included."""
+    proc = _popen(["norm=bn", "batch=8", "epochs=1000", "train.max_iters_per_epoch=null", "data.workers=2"],
+                  tmp_path, data_root)
+    try:
+        _wait_for("*/metrics.jsonl", tmp_path)
+        time.sleep(1.0)  # well inside an epoch: workers are running
+        os.killpg(proc.pid, sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert f"stopped by signal {signal.Signals(sig).name}" in stdout
+    assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]
+    saved = torch.load(run_dir(tmp_path) / "checkpoints" / "last.pt", weights_only=False)
+    assert saved["state"]["iter"] >= 1
+    assert _train_iters(run_dir(tmp_path))[-1] == saved["state"]["iter"]  # records end at the checkpoint
+
+
+def test_start_without_a_checkpoint_discards_the_earlier_records(tmp_path, data_root):
+    """Killed (or checkpoint deleted) before any checkpoint: the next start keeps no record of the first."""
+    r = tmp_path / "R"
+    train([*SHORT, f"run.dir={r}", "train.stop_after_iters=8"], tmp_path, data_root)
+    for path in _checkpoints(r):
+        path.unlink()
+    out = train([*SHORT, f"run.dir={r}"], tmp_path, data_root)
+    assert "has no checkpoint: the records of an earlier start" in out.stdout
+    assert _train_iters(r) == list(range(1, 13))  # once each, not 1..8 twice
+    assert json.loads((r / "summary.json").read_text())["status"] == "finished"
+
+
+def test_another_run_in_the_same_directory_is_refused(tmp_path, data_root):
+    r = tmp_path / "R"
+    train([*SHORT, f"run.dir={r}", "epochs=1"], tmp_path, data_root)
+    before = {p.name: p.read_bytes() for p in _checkpoints(r)}
+    summary = (r / "summary.json").read_bytes()
+    out = train([*SHORT, f"run.dir={r}", "epochs=1", "seed=1"], tmp_path, data_root, check=False)
+    assert out.returncode == 2 and f"run.dir={r} holds another run (seed: 0 -> 1)" in out.stderr
+    out = train([*SHORT, f"run.dir={r}", "epochs=1", "run.resume=false"], tmp_path, data_root, check=False)
+    assert out.returncode == 2 and "holds this run's checkpoint" in out.stderr
+    assert {p.name: p.read_bytes() for p in _checkpoints(r)} == before
+    assert (r / "summary.json").read_bytes() == summary
+    out = train([*SHORT, f"run.dir={r}", "epochs=1", "seed=1", "run.overwrite=true"], tmp_path, data_root)
+    assert "deleted the earlier run's files" in out.stdout
+    assert json.loads((r / "summary.json").read_text())["seed"] == 1 and _train_iters(r) == list(range(1, 7))
+
+
+def test_weights_made_nonfinite_by_a_step_never_reach_a_checkpoint(tmp_path, data_root):
+    """lr 1e6: the loss of a step is finite, the update is not (or the weights only evaluate to NaN)."""
+    out = train(["norm=mabn", "batch=2", "optim.lr=1e6", "train.ckpt_every_iters=1", "epochs=1",
+                 "train.max_iters_per_epoch=6"], tmp_path, data_root, check=False)
+    assert out.returncode == 3, out.stdout + out.stderr[-2000:]
+    assert "non-finite" in out.stderr and "iteration" in out.stderr
+    in_step = "at iteration " in out.stderr
+    bad = int(out.stderr.split("at iteration " if in_step else "(iteration ")[1].split()[0].rstrip(";)"))
+    d = run_dir(tmp_path)
+    for path in _checkpoints(d):
+        saved = torch.load(path, weights_only=False)
+        assert saved["state"]["iter"] < bad if in_step else saved["state"]["iter"] <= bad
+        tensors = {**saved["model"], **{f"opt.{k}": v["momentum_buffer"] for k, v in saved["optimizer"]["state"].items()}}
+        for key, value in tensors.items():
+            assert not value.is_floating_point() or torch.isfinite(value).all(), f"{path.name}: {key}"
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["status"] == "diverged" and f"iteration {bad}" in summary["error"]
+    assert summary["checkpoint"] == (str(d / "checkpoints" / "last.pt") if _checkpoints(d) else None)
+    assert "val/top1" not in (d / "metrics.jsonl").read_text()  # no evaluation of diverged weights recorded
+
+
+def test_changed_optimizer_settings_are_refused_or_really_applied(tmp_path, data_root):
+    r = tmp_path / "R"
+    train([*SHORT, f"run.dir={r}", "train.stop_after_iters=4"], tmp_path, data_root)
+    out = train([*SHORT, f"run.dir={r}", "optim.lr=0.01"], tmp_path, data_root, check=False)
+    assert out.returncode == 2 and "the checkpoint restores optim.lr=0.05 (now 0.01)" in out.stderr
+    assert "run.allow_changes=[optim.lr]" in out.stderr
+    out = train([*SHORT, f"run.dir={r}", "optim.lr=0.01", "run.allow_changes=[optim.lr]"], tmp_path, data_root)
+    assert "optim.lr: 0.05 -> 0.01" in out.stdout
+    import math
+
+    lrs = {x["iter"]: x["train/lr"] for x in _records(r) if "train/lr" in x}
+    for it in (5, 12):  # after the resume at iteration 4: the new lr under the same cosine schedule
+        assert math.isclose(lrs[it], 0.01 * 0.5 * (1 + math.cos(math.pi * it / 12)), rel_tol=1e-9, abs_tol=1e-12)
+    summary = json.loads((r / "summary.json").read_text())
+    assert summary["lr"] == 0.01 and summary["config_changes"] == [
+        {"iter": 4, "key": "optim.lr", "old": 0.05, "new": 0.01}]
+
+
+def test_torn_last_record_is_dropped_and_other_damage_is_named(tmp_path, data_root):
+    r = tmp_path / "R"
+    train([*SHORT, f"run.dir={r}", "train.stop_after_iters=4"], tmp_path, data_root)
+    metrics = r / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"iter": 5, "train/lo')  # killed mid-write
+    out = train([*SHORT, f"run.dir={r}", "train.stop_after_iters=2"], tmp_path, data_root)
+    assert "dropped a torn last line" in out.stdout and _train_iters(r) == list(range(1, 7))
+    lines = metrics.read_text().splitlines()
+    lines[1] = lines[1][:-3]
+    metrics.write_text("\n".join(lines) + "\n")
+    out = train([*SHORT, f"run.dir={r}"], tmp_path, data_root, check=False)
+    assert out.returncode == 2 and f"{metrics}:2 is not a JSON record" in out.stderr
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, data_root):
+    r = tmp_path / "R"
+    train([*SHORT, f"run.dir={r}", "train.stop_after_iters=8"], tmp_path, data_root)  # epoch end 6, stop 8
+    last = r / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    out = train([*SHORT, f"run.dir={r}"], tmp_path, data_root)
+    assert f"cannot read checkpoint {last}" in out.stdout and "resuming from the older last.1.pt" in out.stdout
+    assert "iteration 6" in out.stdout and _train_iters(r) == list(range(1, 13))
+    for path in _checkpoints(r):
+        path.write_bytes(b"torn")
+    out = train([*SHORT, f"run.dir={r}"], tmp_path, data_root, check=False)
+    assert out.returncode == 2 and "can be read" in out.stderr and "run.overwrite=true" in out.stderr
+
+
+def test_unwritable_checkpoint_folder_fails_in_the_first_second(tmp_path, data_root):
+    r = tmp_path / "R"
+    r.mkdir()
+    (r / "checkpoints").write_text("not a folder")
+    out = train([*SHORT, f"run.dir={r}"], tmp_path, data_root, check=False)
+    assert out.returncode == 2 and f"run.dir={r} is not writable" in out.stderr
+    assert "epoch 1" not in out.stdout
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("norm.window=0", "norm.window must be a positive integer or null, got 0"),
+    ("norm.momentum=2", "norm.momentum must be a number in (0, 1]"),
+    ("optim.lr=-1", "optim.lr must be a positive number"),
+    ("optim.lr=abc", "optim.lr must be a positive number, or null for the linear scaling rule, got 'abc'"),
+    ("train.eval_max_batches=0", "train.eval_max_batches must be a positive integer or null, got 0"),
+    ("train.max_iters_per_epoch=0", "train.max_iters_per_epoch must be a positive integer or null, got 0"),
+    ("schedule.warmup_factor=0", "schedule.warmup_factor must be a number in (0, 1]"),
+])
+def test_bad_hyper_parameters_are_named_and_leave_no_run_directory(arg, message, tmp_path, data_root):
+    out = train(["norm=mabn", "batch=2", arg], tmp_path, data_root, check=False)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not [p for p in Path(tmp_path).iterdir() if p.name != "multirun"]
+
+
+def test_skipped_images_are_counted_in_the_summary(tmp_path):
+    root = make_imagefolder(tmp_path / "imagefolder")
+    bad = next((root / "train" / "n00000001").iterdir())
+    bad.write_bytes(b"not a jpeg")
+    base = ["data=imagenet", "data.image_size=32", "data.batch_size=4", "data.workers=2", "model=resnet18",
+            "logger=none", "epochs=1", "optim.lr=0.05", "data.num_classes=3", "norm=bn", "batch=4",
+            "data.skip_corrupt=true"]
+    train([], tmp_path / "runs", root, base=base)
+    summary = json.loads((run_dir(tmp_path / "runs") / "summary.json").read_text())
+    assert summary["skipped_images"] == 1 and summary["status"] == "finished"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+def test_ddp_rank_stopped_by_another_ranks_signal_says_so(tmp_path, data_root):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_imagenet.py"), *TINY, f"data.root={data_root}", "norm=bn", "batch=2", "epochs=1000",
+           "train.max_iters_per_epoch=null"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for("*/metrics.jsonl", tmp_path)
+        (rank1,) = [p for p in _children(proc.pid) if _rank_of(p) == 1]
+        os.kill(rank1, signal.SIGTERM)  # one rank only, as a node's own time limit would
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert "stopped by signal SIGTERM (received by another rank)" in stdout, stdout + stderr[-3000:]
+    assert "exitcode  : 0" not in stderr  # neither rank claims a normal end
+    saved = torch.load(run_dir(tmp_path) / "checkpoints" / "last.pt", weights_only=False)
+    assert len(saved["per_rank"]) == 2 and saved["state"]["iter"] >= 1
