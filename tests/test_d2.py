@@ -24,7 +24,6 @@ from mabn.norms import (  # noqa: E402
     NormContext,
     batch_dependent_types,
     build_norm,
-    center_conv_weights,
     norm_types,
     registered_norms,
 )
@@ -81,23 +80,33 @@ def test_lazy_config_puts_the_norm_where_the_paper_does(name):
     assert len(centred) == (mabn_count if name == "mabn" else 0)
 
 
-def test_yacs_config_by_name():
+def _yacs_cfg(norm, *, freeze_at=0):
+    """A Mask R-CNN R50-FPN yacs config on the project's registered builders, with ``norm`` at every site."""
     cfg = get_cfg()
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.MASK_ON = True
-    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
-    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.BACKBONE.NAME = "build_mabn_resnet_fpn_backbone"
+    cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 4
     cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
     cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "build_mabn_box_head"
     cfg.MODEL.ROI_BOX_HEAD.NUM_CONV, cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 4, 1
-    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7  # Base-RCNN-FPN.yaml's, as in the LazyConfig
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "build_mabn_mask_head"
     cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 4
-    cfg.MODEL.RESNETS.NORM = cfg.MODEL.FPN.NORM = "MABN"
+    cfg.MODEL.RESNETS.NORM = cfg.MODEL.FPN.NORM = norm
+    cfg.MODEL.ROI_BOX_HEAD.NORM = cfg.MODEL.ROI_MASK_HEAD.NORM = norm
+    return cfg
+
+
+def test_yacs_config_by_name():
+    cfg = _yacs_cfg("MABN")
     cfg.MODEL.ROI_BOX_HEAD.NORM = "brn"
     cfg.MODEL.ROI_MASK_HEAD.NORM = "GN"  # detectron2's own names keep their meaning
     with mabn.d2.norm_context(NormContext(norm_batch=4, device_batch=4), {"mabn": {"r_max": 3.0}}):
@@ -110,9 +119,92 @@ def test_yacs_config_by_name():
     assert by_site["mask_head"] == {torch.nn.GroupNorm}
     stem = model.backbone.bottom_up.stem.conv1.norm
     assert stem.window == 8 and stem.r_max == 3.0  # window = 32 / n, hyper-parameter from the context
-    outside = mabn.d2.get_norm("MABN", 16)  # outside a context: the registry defaults (window 16)
-    assert outside.window == 16 and type(mabn.d2.get_norm("BN", 16)) is torch.nn.BatchNorm2d  # not the project's
-    assert mabn.d2.get_norm("", 16) is None
+    centred = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and is_centered(m)]
+    assert len(centred) == sum(isinstance(n, MABN2d) for _, n in _norm_sites(model))  # weight centring too
+    ctor, recipe = mabn.d2.resolve_norm("MABN")  # outside a context: the registry defaults (window 16)
+    assert ctor(16).window == 16 and recipe.name == "mabn"
+    assert mabn.d2.resolve_norm("BN") == ("BN", None)  # detectron2's own name: not the project's
+    assert mabn.d2.resolve_norm("") == ("", None)
+
+
+@pytest.mark.parametrize("name", ["mabn", "brn", "gn"])
+def test_yacs_builders_build_the_lazy_config_model(name):
+    """The registered yacs builders and build_mask_rcnn give the same network, norms at the same sites."""
+    ctx = NormContext(norm_batch=2, device_batch=2)
+    with mabn.d2.norm_context(ctx):
+        model = build_model(_yacs_cfg(name))
+    lazy = build_mask_rcnn(build_norm(name, ctx), num_classes=4, **SMALL)
+    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (model, lazy)]
+    assert shapes[0] == shapes[1]
+    assert [(s, type(n)) for s, n in _norm_sites(model)] == [(s, type(n)) for s, n in _norm_sites(lazy)]
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    box = model.roi_heads.box_head(torch.zeros(0, 256, 7, 7, requires_grad=True))
+    mask = model.roi_heads.mask_head.layers(torch.zeros(0, 256, 14, 14, requires_grad=True))
+    assert box.shape == (0, 1024) and mask.shape == (0, 4, 28, 28)  # heads accept zero RoIs
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_yacs_frozen_stages_hold_no_live_batch_statistics():
+    with mabn.d2.norm_context(NormContext(norm_batch=2, device_batch=2)):
+        model = build_model(_yacs_cfg("MABN", freeze_at=2))
+    bottom_up = model.backbone.bottom_up
+    for frozen in (bottom_up.stem, bottom_up.res2):
+        norms = [m for m in frozen.modules() if isinstance(m, (*norm_types(), D2FrozenBN))]
+        assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)
+    assert is_centered(bottom_up.stem.conv1)  # centred before freezing, as build_mask_rcnn does
+    assert isinstance(bottom_up.res3[0].conv1.norm, MABN2d) and bottom_up.res3[0].conv1.weight.requires_grad
+
+
+def test_yacs_builders_refuse_what_they_cannot_build():
+    cfg = _yacs_cfg("MABN")
+    cfg.MODEL.RESNETS.NUM_GROUPS = 32
+    with pytest.raises(ValueError, match="NUM_GROUPS"):
+        build_model(cfg)
+
+
+_IMPORT_SIDE_EFFECTS = """
+import json, sys
+import detectron2.config, detectron2.engine, detectron2.layers, detectron2.modeling
+from detectron2.layers import batch_norm
+from detectron2.modeling import BACKBONE_REGISTRY
+
+original = batch_norm.get_norm
+def globals_of_detectron2():
+    return {n: dict(vars(m)) for n, m in list(sys.modules.items()) if n.startswith("detectron2") and m}
+before = globals_of_detectron2()
+import mabn.d2, mabn.d2.checkpoint, mabn.d2.data, mabn.d2.engine, mabn.d2.model
+after = globals_of_detectron2()
+try:
+    original("MABN", 8)
+    unknown = False
+except KeyError:
+    unknown = True
+print(json.dumps({
+    "changed": sorted(f"{n}.{k}" for n, g in before.items() for k, v in g.items()
+                      if after[n].get(k) is not v),
+    "holders": sorted(n for n, g in after.items() if "get_norm" in g),
+    "replaced": sorted(n for n, g in after.items() if g.get("get_norm", original) is not original),
+    "mabn_unknown_to_detectron2": unknown,
+    "registered": "build_mabn_resnet_fpn_backbone" in BACKBONE_REGISTRY,
+}))
+"""
+
+
+def test_importing_the_plugin_leaves_detectron2_untouched():
+    """Importing mabn.d2 after detectron2 replaces no global of any detectron2 module (get_norm included)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _IMPORT_SIDE_EFFECTS], capture_output=True, text=True,
+                         env=env, timeout=600, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert "detectron2.modeling.backbone.resnet" in result["holders"] and len(result["holders"]) > 5
+    assert result["replaced"] == [] and result["changed"] == []
+    assert result["mabn_unknown_to_detectron2"] and result["registered"]
 
 
 def _step(model, loader, optimizer, iterations=2):
@@ -185,9 +277,7 @@ def test_frozen_copy_of_mabn_keeps_its_eval_map():
 def _imagenet_resnet50(name, tmp_path):
     """A train_imagenet.py-style ResNet-50 with non-trivial norm state, saved as its checkpoint format."""
     recipe = build_norm(name, NormContext(norm_batch=2, device_batch=4))
-    net = build_classifier("resnet50", recipe.ctor, num_classes=10)
-    if recipe.weight_centering:
-        center_conv_weights(net)
+    net = build_classifier("resnet50", recipe, num_classes=10)  # centres the convs feeding MABN
     net.train()
     for _ in range(3):
         net(torch.randn(4, 3, 64, 64)).sum().backward()

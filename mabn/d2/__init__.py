@@ -1,11 +1,11 @@
 """The detectron2 plugin: the only package that imports detectron2.
 
-Importing it makes detectron2 resolve the project's norm names (``MODEL.RESNETS.NORM: "MABN"`` in yacs
-configs; see ``norms.install``). LazyConfigs take the registry's constructors directly.
+LazyConfigs take the registry's constructors directly (``model.build_mask_rcnn``). yacs configs name the
+project's norms (``MODEL.RESNETS.NORM: "MABN"``) through the backbone and heads ``model`` registers in
+detectron2's registries; importing this package registers them and changes nothing else in detectron2.
 """
 
-from .norms import freeze_frozen_blocks, get_norm, install, norm_context, project_norm_name
+from . import model  # noqa: F401  (registers the yacs builders in detectron2's registries)
+from .norms import freeze_frozen_blocks, norm_context, project_norm_name, resolve_norm
 
-install()
-
-__all__ = ["freeze_frozen_blocks", "get_norm", "install", "norm_context", "project_norm_name"]
+__all__ = ["freeze_frozen_blocks", "norm_context", "project_norm_name", "resolve_norm"]

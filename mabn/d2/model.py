@@ -3,6 +3,13 @@
 The paper's architecture (Yan et al. 2020, Sec. 5.2): the norm in the ResNet stem and stages, the FPN, a
 4-conv + 1-fc box head and the mask head's convs; the RPN head unnormalised; convs feeding MABN
 weight-centred. detectron2's ``common/models/mask_rcnn_fpn.py`` is loaded and edited, not copied.
+
+yacs configs reach the same layers through builders registered in detectron2's registries, the extension
+point its ``projects/`` use: ``MODEL.BACKBONE.NAME: build_mabn_resnet_fpn_backbone``,
+``MODEL.ROI_BOX_HEAD.NAME: build_mabn_box_head``, ``MODEL.ROI_MASK_HEAD.NAME: build_mabn_mask_head``. They
+resolve ``RESNETS.NORM``, ``FPN.NORM``, ``ROI_BOX_HEAD.NORM`` and ``ROI_MASK_HEAD.NORM`` (``MABN``, ``brn``,
+...; detectron2's own names keep their meaning) under the innermost ``norm_context`` and hand the
+constructors to detectron2's stock classes.
 """
 
 from __future__ import annotations
@@ -10,12 +17,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, FPN, ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY, ResNet
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.modeling.backbone.resnet import BasicStem
+from detectron2.modeling.roi_heads import FastRCNNConvFCHead, MaskRCNNConvUpsampleHead
 from torch import nn
 
 from mabn.norms import NormRecipe, center_conv_weights
 
 from .checkpoint import load_backbone_weights
-from .norms import freeze_frozen_blocks
+from .norms import freeze_frozen_blocks, resolve_norm
 
 logger = logging.getLogger(__name__)
 
@@ -89,3 +101,64 @@ def build_mask_rcnn(recipe: NormRecipe, *, weights: str | None = None, **options
     if frozen:
         logger.info("%d batch-dependent norms in frozen blocks became FrozenBatchNorm2d", len(frozen))
     return model
+
+
+def _centre(module: nn.Module, *recipes: NormRecipe | None) -> nn.Module:
+    """Weight-centre the convs feeding MABN when a recipe asks for it, as ``build_mask_rcnn`` does."""
+    if any(recipe is not None and recipe.weight_centering for recipe in recipes):
+        center_conv_weights(module)
+    return module
+
+
+def _check_default_resnet(cfg) -> None:
+    """Refuse what ``ResNet.make_default_stages`` (the LazyConfig's stage builder) cannot express."""
+    res = cfg.MODEL.RESNETS
+    expected = {"NUM_GROUPS": 1, "WIDTH_PER_GROUP": 64, "STEM_OUT_CHANNELS": 64, "RES5_DILATION": 1,
+                "RES2_OUT_CHANNELS": 256 if res.DEPTH >= 50 else 64}
+    wrong = {k: res[k] for k, v in expected.items() if res[k] != v}
+    if any(res.DEFORM_ON_PER_STAGE):
+        wrong["DEFORM_ON_PER_STAGE"] = res.DEFORM_ON_PER_STAGE
+    if wrong:
+        raise ValueError(f"build_mabn_resnet_fpn_backbone builds detectron2's default ResNets only: "
+                         f"MODEL.RESNETS {wrong} unsupported (expected {expected}, no deformable conv)")
+
+
+@BACKBONE_REGISTRY.register()
+def build_mabn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """detectron2's ResNet-FPN with ``RESNETS.NORM`` and ``FPN.NORM`` resolved to the project's layers.
+
+    Convs feeding MABN are centred and batch-dependent norms of frozen stages (``BACKBONE.FREEZE_AT``)
+    become FrozenBatchNorm2d at build time, as detectron2 turns BN into FrozenBN before weights load.
+    """
+    _check_default_resnet(cfg)
+    res = cfg.MODEL.RESNETS
+    norm, recipe = resolve_norm(res.NORM)
+    stage_args = {"stride_in_1x1": res.STRIDE_IN_1X1} if res.DEPTH >= 50 else {}  # BasicBlock has no 1x1
+    bottom_up = ResNet(BasicStem(input_shape.channels, res.STEM_OUT_CHANNELS, norm=norm),
+                       ResNet.make_default_stages(res.DEPTH, norm=norm, **stage_args),
+                       out_features=res.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    # centre before freezing, as build_mask_rcnn does: frozen stages keep the centred convs (and so the keys)
+    # of an ImageNet MABN backbone
+    _centre(bottom_up, recipe)
+    freeze_frozen_blocks(bottom_up)
+    fpn_norm, fpn_recipe = resolve_norm(cfg.MODEL.FPN.NORM)
+    fpn = FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES,
+              out_channels=cfg.MODEL.FPN.OUT_CHANNELS, norm=fpn_norm, top_block=LastLevelMaxPool(),
+              fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
+    return _centre(fpn, fpn_recipe)
+
+
+@ROI_BOX_HEAD_REGISTRY.register()
+def build_mabn_box_head(cfg, input_shape: ShapeSpec) -> FastRCNNConvFCHead:
+    """detectron2's conv-fc box head with ``ROI_BOX_HEAD.NORM`` resolved to the project's layer."""
+    args = FastRCNNConvFCHead.from_config(cfg, input_shape)
+    args["conv_norm"], recipe = resolve_norm(args["conv_norm"])
+    return _centre(FastRCNNConvFCHead(**args), recipe)
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+def build_mabn_mask_head(cfg, input_shape: ShapeSpec) -> MaskRCNNConvUpsampleHead:
+    """detectron2's conv-upsample mask head with ``ROI_MASK_HEAD.NORM`` resolved to the project's layer."""
+    args = MaskRCNNConvUpsampleHead.from_config(cfg, input_shape)
+    args["conv_norm"], recipe = resolve_norm(args["conv_norm"])
+    return _centre(MaskRCNNConvUpsampleHead(**args), recipe)

@@ -1,19 +1,15 @@
-"""The project's norms inside detectron2: by name in yacs configs, as callables in LazyConfigs, frozen stages.
+"""The project's norms inside detectron2: names in yacs configs resolved to the registry's constructors.
 
-detectron2 resolves a norm given by name in ``detectron2.layers.get_norm``, whose table of names is a dict
-literal inside the function: it cannot be extended by registration. ``install()`` wraps it once: the
-project's names (the registry's ``bn``, ``gn``, ``brn``, ``mabn``, ``syncbn``, ``frozenbn``, plus the
-upper-case ``MABN`` and ``BRN`` that detectron2 does not define) build the project's layers; every other
-value (detectron2's ``BN``, ``GN``, ``SyncBN``, ``FrozenBN``, ``LN``, callables, ``""``) goes to the original
-function unchanged. Modules import ``get_norm`` by name (``from detectron2.layers import get_norm``), so the
-wrapper replaces the reference in every detectron2 module that holds the original, and in the two places
-later imports read it from.
+detectron2's ``get_norm`` takes a name from a dict literal inside the function or any callable
+``ctor(channels)``, so the project's layers reach detectron2 as callables and nothing of detectron2 is
+patched: LazyConfigs are handed the constructor (``model.build_mask_rcnn``), and the yacs builders that
+``mabn.d2.model`` registers resolve the project's names (``resolve_norm``) before calling detectron2's
+stock constructors. Runtime facts (images per device, iterations) come from the innermost ``norm_context``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -32,7 +28,6 @@ from mabn.norms import (
 UPPER_CASE_NAMES = {"MABN": "mabn", "BRN": "brn"}
 
 _active: list[tuple[NormContext, Mapping[str, Mapping[str, Any]]]] = []
-_original_get_norm = None
 
 
 def project_norm_name(norm: Any) -> str | None:
@@ -50,8 +45,22 @@ def recipe_for(name: str) -> NormRecipe:
     return build_norm({"name": name, **params.get(name, {})}, ctx)
 
 
+def resolve_norm(norm: Any) -> tuple[Any, NormRecipe | None]:
+    """A yacs ``NORM`` value as detectron2's ``get_norm`` takes it, and the project recipe behind it.
+
+    The project's names (``mabn``, ``MABN``, ``brn``, ...) become the registry's constructor; detectron2's own
+    names (``BN``, ``GN``, ``FrozenBN``, ``""``) and callables pass unchanged, with no recipe.
+    """
+    name = project_norm_name(norm)
+    if name is None:
+        return norm, None
+    recipe = recipe_for(name)
+    return recipe.ctor, recipe
+
+
 @contextlib.contextmanager
-def norm_context(context: NormContext, params: Mapping[str, Mapping[str, Any]] | None = None) -> Iterator[None]:
+def norm_context(context: NormContext,
+                 params: Mapping[str, Mapping[str, Any]] | None = None) -> Iterator[None]:
     """Bind the runtime facts (images per device, iterations) and hyper-parameters that norms named in a
     yacs config are built with, e.g. ``with norm_context(NormContext(norm_batch=2, device_batch=2)):
     build_model(cfg)``. ``params`` maps a registry name to hyper-parameters (``{"mabn": {"window": 16}}``)."""
@@ -60,30 +69,6 @@ def norm_context(context: NormContext, params: Mapping[str, Mapping[str, Any]] |
         yield
     finally:
         _active.pop()
-
-
-def get_norm(norm, out_channels):
-    """detectron2's ``get_norm`` with the project's names added (see the module docstring)."""
-    name = project_norm_name(norm)
-    if name is None:
-        return _original_get_norm(norm, out_channels)
-    return recipe_for(name).ctor(out_channels)
-
-
-def install() -> None:
-    """Make detectron2 resolve the project's norm names (idempotent)."""
-    global _original_get_norm
-    import detectron2.layers
-    import detectron2.layers.batch_norm as batch_norm
-
-    if _original_get_norm is None:
-        _original_get_norm = batch_norm.get_norm
-    for module in list(sys.modules.values()):
-        if (getattr(module, "__name__", "").startswith("detectron2")
-                and getattr(module, "get_norm", None) is _original_get_norm):
-            module.get_norm = get_norm
-    # modules imported later read it from here
-    batch_norm.get_norm = detectron2.layers.get_norm = get_norm
 
 
 def freeze_frozen_blocks(model: nn.Module) -> list[str]:
