@@ -11,7 +11,11 @@ from torch import nn
 
 from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
 from .brn import BatchRenorm2d
+from .evonorm import EvoNormS0
+from .frn import FilterResponseNorm2d
+from .gnws import GroupNormWS
 from .groupnorm import GroupNorm
+from .layernorm import InstanceNorm2d, LayerNorm2d
 from .mabn import MABN2d
 
 NormCtor = Callable[[int], nn.Module]
@@ -49,7 +53,11 @@ class NormContext:
 
 @dataclass(frozen=True)
 class NormRecipe:
-    """What a model builder needs: the constructor, and whether convs feeding the norm are weight-centred."""
+    """What a model builder needs: the constructor, and whether the convs feeding the norm are paired with it.
+
+    ``weight_centering``: the convs feeding the norm get the norm's weight parametrization through
+    ``center_conv_weights`` (MABN: centring; GN+WS: standardization, i.e. centring and scaling).
+    """
 
     name: str
     ctor: NormCtor
@@ -160,11 +168,40 @@ def _build_bn(p: dict, ctx: NormContext) -> NormRecipe:
 
 
 
-
 @register_norm("gn", types=(nn.GroupNorm,), defaults={"num_groups": 32, "eps": 1e-5},
                batch_dependent=False, foldable=False)
 def _build_gn(p: dict, ctx: NormContext) -> NormRecipe:
     return NormRecipe("gn", functools.partial(GroupNorm, num_groups=p["num_groups"], eps=p["eps"]), params=p)
+
+
+@register_norm("ln", types=(LayerNorm2d,), defaults={"eps": 1e-5}, batch_dependent=False, foldable=False)
+def _build_ln(p: dict, ctx: NormContext) -> NormRecipe:
+    return NormRecipe("ln", functools.partial(LayerNorm2d, eps=p["eps"]), params=p)
+
+
+@register_norm("in", types=(InstanceNorm2d,), defaults={"eps": 1e-5}, batch_dependent=False, foldable=False)
+def _build_in(p: dict, ctx: NormContext) -> NormRecipe:
+    return NormRecipe("in", functools.partial(InstanceNorm2d, eps=p["eps"]), params=p)
+
+
+@register_norm("gnws", types=(GroupNormWS,), defaults={"num_groups": 32, "eps": 1e-5, "ws_eps": 1e-5},
+               batch_dependent=False, foldable=False)
+def _build_gnws(p: dict, ctx: NormContext) -> NormRecipe:
+    ctor = functools.partial(GroupNormWS, num_groups=p["num_groups"], eps=p["eps"], ws_eps=p["ws_eps"])
+    return NormRecipe("gnws", ctor, weight_centering=True, params=p)  # pairs convs: weight standardization
+
+
+@register_norm("evonorm_s0", types=(EvoNormS0,), defaults={"num_groups": 32, "eps": 1e-5},
+               batch_dependent=False, foldable=False)
+def _build_evonorm_s0(p: dict, ctx: NormContext) -> NormRecipe:
+    return NormRecipe("evonorm_s0", functools.partial(EvoNormS0, num_groups=p["num_groups"], eps=p["eps"]), params=p)
+
+
+@register_norm("frn", types=(FilterResponseNorm2d,), defaults={"eps": 1e-6, "learnable_eps": False},
+               batch_dependent=False, foldable=False)
+def _build_frn(p: dict, ctx: NormContext) -> NormRecipe:
+    ctor = functools.partial(FilterResponseNorm2d, eps=p["eps"], learnable_eps=bool(p["learnable_eps"]))
+    return NormRecipe("frn", ctor, params=p)
 
 
 @register_norm("brn", types=(BatchRenorm2d,),
