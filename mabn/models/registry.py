@@ -9,6 +9,7 @@ from torch import nn
 
 from mabn.norms import build_norm
 
+from .activations import apply_norm_activations
 from .cifar_resnet import CifarResNet
 from .variants import apply_xbnblock, keep_norms_until
 
@@ -35,11 +36,13 @@ def registered_models() -> tuple[str, ...]:
 def build_model(name: str, norm_ctor: Callable[[int], nn.Module], *, num_classes: int, in_channels: int = 3,
                 norm_until: str = "all", **options) -> nn.Module:
     """Build a registered model whose every norm layer is ``norm_ctor(channels)`` (XBNBlock models: all but
-    their batch-free positions); ``norm_until`` (stem, stage1) removes the norms after that point."""
+    their batch-free positions); ``norm_until`` (stem, stage1) removes the norms after that point. A norm that
+    carries its activation (EvoNorm-S0, FRN + TLU) gets no ReLU after it (``apply_norm_activations``)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(registered_models())}")
     model = _MODELS[name](norm_ctor, num_classes=num_classes, in_channels=in_channels, **options)
     keep_norms_until(model, norm_until)
+    apply_norm_activations(model)
     return model
 
 

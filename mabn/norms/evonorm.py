@@ -46,7 +46,7 @@ class EvoNormS0(nn.Module):
     def without_activation(self) -> EvoNormS0:
         """The variant for a position without activation, with this layer's γ and β."""
         other = EvoNormS0(self.num_features, num_groups=self.num_groups, eps=self.eps, apply_act=False)
-        other.to(self.weight.device).load_state_dict(self.state_dict(), strict=False)  # all but v
+        other.to(self.weight).load_state_dict(self.state_dict(), strict=False)  # all but v
         return other
 
     def forward(self, x: Tensor) -> Tensor:

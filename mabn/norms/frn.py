@@ -41,7 +41,7 @@ class FilterResponseNorm2d(nn.Module):
         """The variant for a position without activation (no TLU), with this layer's γ, β and ε."""
         eps = 0.0 if self.learnable_eps else self.eps  # a learned ε is copied below, with γ and β
         other = FilterResponseNorm2d(self.num_features, eps=eps, learnable_eps=self.learnable_eps, apply_act=False)
-        other.to(self.weight.device).load_state_dict(self.state_dict(), strict=False)
+        other.to(self.weight).load_state_dict(self.state_dict(), strict=False)
         return other
 
     def forward(self, x: Tensor) -> Tensor:
