@@ -32,7 +32,8 @@ def _snapshot(layer):
 
 
 def test_names():
-    assert set(ALL) == {"bn", "gn", "brn", "mabn", "syncbn", "frozenbn", "ln", "in", "gnws", "evonorm_s0", "frn"}
+    assert set(ALL) == {"bn", "gn", "brn", "mabn", "syncbn", "frozenbn",
+                        "ln", "in", "gnws", "evonorm_s0", "frn"}
 
 
 @pytest.mark.parametrize("name", ALL)

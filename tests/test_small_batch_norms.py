@@ -1,4 +1,4 @@
-"""LN, IN, GN+WS, EvoNorm-S0 and FRN+TLU: float64 against the papers' equations, pairing, activations, training."""
+"""LN, IN, GN+WS, EvoNorm-S0, FRN+TLU: float64 against the papers' equations, pairing, activations, training."""
 
 import copy
 
@@ -47,7 +47,8 @@ def _check_against(layer, ref, x, params):
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"forward: {m}")
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-9, atol=1e-11, msg=lambda m: f"dx: {m}")
     for (name, p), leaf in zip(params.items(), leaves, strict=True):
-        torch.testing.assert_close(p.grad, leaf.grad, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"d{n}: {m}")
+        torch.testing.assert_close(p.grad, leaf.grad, rtol=1e-9, atol=1e-11,
+                                   msg=lambda m, n=name: f"d{n}: {m}")
 
 
 def _x(shape=(3, 8, 5, 4)):
@@ -84,11 +85,12 @@ def test_gnws_equals_standardized_conv_then_group_norm():
 def test_weight_standardization_statistics_and_gradcheck():
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 3 + 1
     ws = StandardizedWeight(eps=0.0)(w)
-    torch.testing.assert_close(ws.mean(dim=(1, 2, 3)), torch.zeros(6, dtype=torch.float64), atol=1e-12, rtol=0)
+    zeros = torch.zeros(6, dtype=torch.float64)
+    torch.testing.assert_close(ws.mean(dim=(1, 2, 3)), zeros, atol=1e-12, rtol=0)
     torch.testing.assert_close(ws.flatten(1).std(dim=1), torch.ones(6, dtype=torch.float64))
     small = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(StandardizedWeight(1e-5), (small,))
-    assert torch.isfinite(StandardizedWeight(1e-5)(torch.zeros(2, 3, 1, 1))).all()  # a zero filter stays finite
+    assert torch.isfinite(StandardizedWeight(1e-5)(torch.zeros(2, 3, 1, 1))).all()  # zero filters stay finite
 
 
 @pytest.mark.parametrize("channels,groups", [(8, 4), (64, 32), (48, 24), (6, 6)])
@@ -168,9 +170,12 @@ def _positions(model):
     return act, plain
 
 
+MODELS = [("resnet18", {}), ("resnet50", {}), ("cifar_resnet20", {}), ("resnet50_xbn", {}),
+          ("cifar_resnet20", {"norm_until": "stem"})]
+
+
 @pytest.mark.parametrize("norm", ["evonorm_s0", "frn", "bn"])
-@pytest.mark.parametrize("model_name,opts", [("resnet18", {}), ("resnet50", {}), ("cifar_resnet20", {}),
-                                             ("resnet50_xbn", {}), ("cifar_resnet20", {"norm_until": "stem"})])
+@pytest.mark.parametrize("model_name,opts", MODELS)
 def test_one_activation_per_position(norm, model_name, opts):
     model = build_model(model_name, build_norm(norm).ctor, num_classes=3, in_channels=1, **opts)
     act, plain = _positions(model)

@@ -3,8 +3,9 @@
 Such a norm replaces a norm + ReLU pair (Liu et al. 2020; Singh & Krishnan 2020). In a built ResNet the ReLU
 right after it becomes Identity, and a norm position with no ReLU after it (a residual branch's last norm, a
 projection shortcut's norm) gets the norm's variant without activation; the ReLU after the residual add stays.
-torchvision's blocks reuse one ``self.relu`` for every position, so a block with such a norm gets a forward with
-one activation module per position (``act1``, ``act2``) beside the post-add ``relu``; its state dict is unchanged.
+torchvision's blocks reuse one ``self.relu`` for every position, so a block with such a norm gets a forward
+with one activation module per position (``act1``, ``act2``) beside the post-add ``relu``; its state dict is
+unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _basic_forward(self, x: Tensor) -> Tensor:
 
 
 class NormActBasicBlock(TVBasicBlock):
-    """torchvision's BasicBlock with its own activation after ``bn1`` (ReLU, or Identity after an act-norm)."""
+    """torchvision's BasicBlock with its own activation after ``bn1`` (ReLU, or Identity after such a norm)."""
 
     forward = _basic_forward
 
@@ -51,7 +52,8 @@ class NormActBottleneck(Bottleneck):
         return self.relu(out + identity)
 
 
-_NORM_ACT = {Bottleneck: NormActBottleneck, TVBasicBlock: NormActBasicBlock, CifarBasicBlock: NormActCifarBlock}
+_NORM_ACT = {Bottleneck: NormActBottleneck, TVBasicBlock: NormActBasicBlock,
+             CifarBasicBlock: NormActCifarBlock}
 _ACT_POSITIONS = {NormActBottleneck: ("bn1", "bn2"), NormActBasicBlock: ("bn1",), NormActCifarBlock: ("bn1",)}
 
 

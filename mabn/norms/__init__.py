@@ -22,9 +22,9 @@ from .registry import (
 )
 
 __all__ = [
-    "BatchNorm2d", "BatchRenorm2d", "CenteredWeight", "EvoNormS0", "FilterResponseNorm2d", "FrozenBatchNorm2d",
-    "GroupNorm", "GroupNormWS", "InstanceNorm2d", "LayerNorm2d", "MABN2d", "NormContext", "NormRecipe",
-    "StandardizedWeight", "bake_weight_centering", "batch_dependent_types", "build_norm", "center_conv_weights",
-    "conv_norm_pairs", "foldable_types", "is_paired", "norm_types", "register_norm", "norm_defaults",
-    "registered_norms", "SyncBatchNorm",
+    "BatchNorm2d", "BatchRenorm2d", "CenteredWeight", "EvoNormS0", "FilterResponseNorm2d",
+    "FrozenBatchNorm2d", "GroupNorm", "GroupNormWS", "InstanceNorm2d", "LayerNorm2d", "MABN2d", "NormContext",
+    "NormRecipe", "StandardizedWeight", "bake_weight_centering", "batch_dependent_types", "build_norm",
+    "center_conv_weights", "conv_norm_pairs", "foldable_types", "is_paired", "norm_types", "register_norm",
+    "norm_defaults", "registered_norms", "SyncBatchNorm",
 ]

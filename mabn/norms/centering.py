@@ -1,5 +1,5 @@
-"""Weight-centred convolutions feeding MABN (Yan et al. 2020, Sec. 4.3), as a model transform; the same pairing
-gives the convs feeding GN+WS their weight standardization (Qiao et al. 2019).
+"""Weight-centred convolutions feeding MABN (Yan et al. 2020, Sec. 4.3), as a model transform; the same
+pairing gives the convs feeding GN+WS their weight standardization (Qiao et al. 2019).
 
 W[o] <- W[o] - mean(W[o]) over (in, kh, kw): the conv output is then ~zero-mean per channel, so the second
 moment MABN normalizes by approximates the variance. Applied with ``torch.nn.utils.parametrize`` so the
@@ -87,7 +87,7 @@ def is_paired(conv: nn.Module) -> bool:
 
 
 def bake_weight_centering(model: nn.Module) -> nn.Module:
-    """Replace each pairing parametrization (centring, standardization) by a plain weight of its values (in place)."""
+    """Replace each pairing parametrization (centring, standardization) by a plain weight of its values."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d) and is_paired(module):
             unparametrize_weight(module)

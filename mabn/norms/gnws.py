@@ -1,5 +1,5 @@
-"""GroupNorm with Weight Standardization of the convs that feed it (Qiao et al. 2019, "Micro-Batch Training with
-Batch-Channel Normalization and Weight Standardization", Eq. 5-6).
+"""GroupNorm with Weight Standardization of the convs that feed it (Qiao et al. 2019, "Micro-Batch Training
+with Batch-Channel Normalization and Weight Standardization", Eq. 5-6).
 
 Ŵ[o] = (W[o] − mean(W[o])) / (std(W[o]) + ε) over each output filter's in×kh×kw values. The official code
 (joe-siyuan-qiao/WeightStandardization) uses torch's unbiased std and adds ε outside the square root; so does
@@ -17,7 +17,7 @@ from .groupnorm import GroupNorm
 
 
 class StandardizedWeight(nn.Module):
-    """Parametrization W -> (W − mean) / (std + eps), statistics over every axis but the output-filter axis."""
+    """Parametrization W -> (W − mean) / (std + eps), statistics over all axes but the output-filter axis."""
 
     def __init__(self, eps: float = 1e-5):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Layer and Instance Normalization of conv features as GroupNorm(1) and GroupNorm(C) (Wu & He, ECCV 2018, Sec. 3.1)."""
+"""Layer and Instance Normalization of conv features as GroupNorm(1) and GroupNorm(C) (Wu & He 2018, Sec. 3.1)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ from torch import nn
 
 
 class LayerNorm2d(nn.GroupNorm):
-    """Layer Normalization (Ba et al. 2016) over each sample's C×H×W values, per-channel affine: GroupNorm(1, C)."""
+    """Layer Normalization (Ba et al. 2016) over each sample's C×H×W values, per-channel affine."""
 
     def __init__(self, num_channels: int, *, eps: float = 1e-5):
         super().__init__(1, num_channels, eps=eps)
 
 
 class InstanceNorm2d(nn.GroupNorm):
-    """Instance Normalization (Ulyanov et al. 2016) over each sample's and channel's H×W values: GroupNorm(C, C).
+    """Instance Normalization (Ulyanov et al. 2016) over each sample's channel's H×W values.
 
-    Unlike ``nn.InstanceNorm2d`` it is affine by default and has no running statistics (batch-free in eval too).
+    Unlike ``nn.InstanceNorm2d`` it is affine and keeps no running statistics (batch-free in eval too).
     """
 
     def __init__(self, num_channels: int, *, eps: float = 1e-5):

@@ -194,7 +194,8 @@ def _build_gnws(p: dict, ctx: NormContext) -> NormRecipe:
 @register_norm("evonorm_s0", types=(EvoNormS0,), defaults={"num_groups": 32, "eps": 1e-5},
                batch_dependent=False, foldable=False)
 def _build_evonorm_s0(p: dict, ctx: NormContext) -> NormRecipe:
-    return NormRecipe("evonorm_s0", functools.partial(EvoNormS0, num_groups=p["num_groups"], eps=p["eps"]), params=p)
+    ctor = functools.partial(EvoNormS0, num_groups=p["num_groups"], eps=p["eps"])
+    return NormRecipe("evonorm_s0", ctor, params=p)
 
 
 @register_norm("frn", types=(FilterResponseNorm2d,), defaults={"eps": 1e-6, "learnable_eps": False},
