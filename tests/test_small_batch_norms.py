@@ -251,3 +251,25 @@ def test_gnws_layer_validates():
     with pytest.raises(ValueError, match="ws_eps"):
         build_norm({"name": "gnws", "ws_eps": -1.0})
     assert isinstance(build_norm("gnws").ctor(16), GroupNormWS)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_compiled_and_channels_last_equal_eager(name):
+    """fullgraph torch.compile (aot_eager: no C++ toolchain needed) and channels_last inputs change nothing."""
+    cfg = {"name": "frn", "learnable_eps": True} if name == "frn" else name
+    layer = _randomize(build_norm(cfg).ctor(64).train(), torch.Generator().manual_seed(7))
+    x = torch.randn(4, 64, 6, 6)
+    dy = torch.randn_like(x)
+
+    def run(fn, inp):
+        layer.zero_grad()
+        inp = inp.clone().requires_grad_(True)
+        fn(inp).backward(dy)
+        return [inp.grad] + [p.grad.clone() for p in layer.parameters()]
+
+    eager = run(layer, x)
+    compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"), x)
+    channels_last = run(layer, x.to(memory_format=torch.channels_last))
+    for a, b, c in zip(eager, compiled, channels_last, strict=True):
+        torch.testing.assert_close(b, a)
+        torch.testing.assert_close(c, a)
