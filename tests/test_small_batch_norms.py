@@ -20,7 +20,7 @@ from mabn.norms import (
 
 from .reference import ref_evonorm_s0, ref_frn_tlu, ref_group_norm, ref_weight_standardization
 
-NEW = ["ln", "in", "gnws", "evonorm_s0", "frn"]
+NEW = ["ln", "in", "gnws", "evonorm_s0", "frn", "cbn"]
 
 
 def _randomize(layer, gen):

@@ -49,12 +49,17 @@ def center_conv_weights(model: nn.Module, norm_types_to_center: tuple[type, ...]
     """Pair every conv feeding a norm of the given types (default: every norm that pairs) with that norm.
 
     The conv's weight gets the norm's parametrization: CenteredWeight for MABN2d, and for a norm with a
-    ``feeding_conv_parametrization()`` method (GroupNormWS: weight standardization) what it returns. Returns
-    the names of the paired convs. Idempotent: an already-paired conv is left as is.
+    ``feeding_conv_parametrization()`` method (GroupNormWS: weight standardization) what it returns; a norm
+    with a ``pair_feeding_conv(conv)`` method (CBN: Taylor compensation by the conv's weight) is handed the
+    conv. Returns the names of the paired convs. Idempotent: an already-paired conv is left as is.
     """
     targets = norm_types_to_center or (nn.Module,)
     names = []
     for cname, conv, _, norm in conv_norm_pairs(model):
+        if hasattr(norm, "pair_feeding_conv") and isinstance(norm, targets):
+            norm.pair_feeding_conv(conv)
+            names.append(cname)
+            continue
         make = _feeding_parametrization(norm)
         if make is None or not isinstance(norm, targets):
             continue

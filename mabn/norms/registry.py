@@ -11,6 +11,7 @@ from torch import nn
 
 from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
 from .brn import BatchRenorm2d
+from .cbn import CrossIterationBatchNorm2d
 from .evonorm import EvoNormS0
 from .frn import FilterResponseNorm2d
 from .gnws import GroupNormWS
@@ -238,6 +239,21 @@ def _build_mabn(p: dict, ctx: NormContext) -> NormRecipe:
         r_max=p["r_max"])
     return NormRecipe("mabn", ctor, weight_centering=bool(p["weight_centering"]), batch_dependent=True,
                       params={**p, "window": window})
+
+
+@register_norm("cbn", types=(CrossIterationBatchNorm2d,),
+               defaults={"window": 4, "burnin_iters": None, "eps": 1e-5, "momentum": 0.1},
+               batch_dependent=True, foldable=True)
+def _build_cbn(p: dict, ctx: NormContext) -> NormRecipe:
+    # Official COCO setting: window 4 (the current and 3 previous batches), burn-in 8 of 12 epochs; burn-in
+    # defaults to 2/3 of the run when its length is known.
+    burnin = p["burnin_iters"]
+    if burnin is None:
+        burnin = (2 * ctx.total_iters) // 3 if ctx.total_iters else 0
+    ctor = functools.partial(CrossIterationBatchNorm2d, window=p["window"], burnin_iters=_iters(burnin, ctx),
+                             group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"])
+    return NormRecipe("cbn", ctor, weight_centering=True, batch_dependent=True,
+                      params={**p, "burnin_iters": burnin})
 
 
 @register_norm("syncbn", types=(nn.SyncBatchNorm,), defaults={"eps": 1e-5, "momentum": 0.1},
