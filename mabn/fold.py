@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .norms import FrozenBatchNorm2d, MABN2d, conv_norm_pairs, foldable_types, norm_types
-from .norms.centering import unparametrize_weight
+from .norms.centering import bake_weight_centering, unparametrize_weight
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
 def fold_norms(model: nn.Module, *, inplace: bool = False, return_report: bool = False):
     """Fold every foldable norm that directly follows a conv into that conv's weight and bias.
 
-    Weight-centring parametrizations are baked first (the folded weight is the centred one). Norms that
+    Weight-centring parametrizations are baked first (the folded weight is the centred one); those of convs
+    feeding a norm that stays (weight standardization for GN+WS) are baked too. Norms that
     cannot fold (gn, or a norm not fed by a conv) stay in the model and are reported, never dropped. Returns
     the folded model (a copy unless ``inplace``), and the FoldReport when ``return_report``.
     """
@@ -68,6 +69,7 @@ def fold_norms(model: nn.Module, *, inplace: bool = False, return_report: bool =
         _set_child(model, nname, nn.Identity())
         folded_norms.add(nname)
         report.folded.append((cname, nname))
+    bake_weight_centering(model)  # convs feeding a norm that stays (GN+WS) keep their standardized weight
     for name, module in model.named_modules():
         if isinstance(module, norm_types()) and name not in folded_norms:
             why = "not foldable" if not isinstance(module, foldable_types()) else "not directly after a conv"

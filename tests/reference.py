@@ -84,3 +84,65 @@ def isclose_report(a, b, name, rtol=1e-10, atol=1e-12):
     """assert_close with a message naming the quantity."""
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
+
+
+def ref_group_norm(x, groups, gamma, beta, eps):
+    """GroupNorm (Wu & He 2018, Eq. 1-3): each sample's group of C/G channels × H×W, biased variance."""
+    n, c = x.shape[:2]
+    per = c // groups
+    samples = []
+    for i in range(n):
+        parts = []
+        for g in range(groups):
+            block = x[i, g * per:(g + 1) * per]
+            mu = block.sum() / block.numel()
+            var = ((block - mu) ** 2).sum() / block.numel()
+            parts.append((block - mu) / torch.sqrt(var + eps))
+        samples.append(torch.cat(parts))
+    return torch.stack(samples) * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+
+
+def ref_weight_standardization(weight, eps):
+    """Qiao et al. 2019, Eq. 5-6 as their official code: (W − mean) / (unbiased std + ε) per output filter."""
+    filters = []
+    for o in range(weight.shape[0]):
+        w = weight[o]
+        k = w.numel()
+        mu = w.sum() / k
+        std = torch.sqrt(((w - mu) ** 2).sum() / (k - 1))
+        filters.append((w - mu) / (std + eps))
+    return torch.stack(filters)
+
+
+def ref_evonorm_s0(x, groups, v, gamma, beta, eps):
+    """EvoNorm-S0 (Liu et al. 2020, Table 1): x·σ(v·x) / √(Var_group(x) + ε)·γ + β, biased group variance."""
+    n, c = x.shape[:2]
+    per = c // groups
+    samples = []
+    for i in range(n):
+        channels = []
+        for g in range(groups):
+            block = x[i, g * per:(g + 1) * per]
+            mu = block.sum() / block.numel()
+            std = torch.sqrt(((block - mu) ** 2).sum() / block.numel() + eps)
+            for k in range(per):
+                ch = g * per + k
+                xc = x[i, ch]
+                channels.append(xc / (1 + torch.exp(-v[ch] * xc)) / std * gamma[ch] + beta[ch])
+        samples.append(torch.stack(channels))
+    return torch.stack(samples)
+
+
+def ref_frn_tlu(x, gamma, beta, tau, eps, tlu=True):
+    """FRN + TLU (Singh & Krishnan 2020, Eq. 1-5): ν² = mean_HW(x²), y = γx/√(ν²+|ε|) + β, z = max(y, τ)."""
+    n, c = x.shape[:2]
+    samples = []
+    for i in range(n):
+        channels = []
+        for ch in range(c):
+            xc = x[i, ch]
+            nu2 = (xc * xc).sum() / xc.numel()
+            y = gamma[ch] * xc / torch.sqrt(nu2 + abs(eps)) + beta[ch]
+            channels.append(torch.where(y > tau[ch], y, tau[ch]) if tlu else y)
+        samples.append(torch.stack(channels))
+    return torch.stack(samples)

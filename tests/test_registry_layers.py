@@ -32,15 +32,16 @@ def _snapshot(layer):
 
 
 def test_names():
-    assert set(ALL) == {"bn", "gn", "brn", "mabn", "syncbn", "frozenbn"}
+    assert set(ALL) == {"bn", "gn", "brn", "mabn", "syncbn", "frozenbn",
+                        "ln", "in", "gnws", "evonorm_s0", "frn", "cbn"}
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_shapes_modes_types(name):
     layer = _layer(name)
     assert isinstance(layer, norm_types())
-    assert isinstance(layer, batch_dependent_types()) == (name in {"bn", "brn", "mabn", "syncbn"})
-    assert isinstance(layer, foldable_types()) == (name != "gn")
+    assert isinstance(layer, batch_dependent_types()) == (name in {"bn", "brn", "mabn", "syncbn", "cbn"})
+    assert isinstance(layer, foldable_types()) == (name in {"bn", "brn", "mabn", "syncbn", "frozenbn", "cbn"})
     x = torch.randn(8, 8, 5, 4)
     for train in (True, False):
         layer.train(train)
@@ -121,7 +122,8 @@ def test_meta_check_catches_a_sync():
 
 
 def test_unknown_name_lists_registered():
-    with pytest.raises(ValueError, match="unknown norm 'mabnn'; registered norms: bn, brn, frozenbn, gn, mabn, syncbn"):
+    listed = "bn, brn, cbn, evonorm_s0, frn, frozenbn, gn, gnws, in, ln, mabn, syncbn"
+    with pytest.raises(ValueError, match=f"unknown norm 'mabnn'; registered norms: {listed}"):
         build_norm("mabnn")
 
 

@@ -11,7 +11,6 @@ from mabn.norms import (
     MABN2d,
     NormContext,
     build_norm,
-    center_conv_weights,
     norm_types,
 )
 from mabn.norms.centering import is_centered

@@ -10,6 +10,7 @@ from torch import nn
 
 from mabn.norms import NormRecipe, build_norm
 
+from .activations import apply_norm_activations
 from .cifar_resnet import CifarResNet
 from .variants import apply_xbnblock, keep_norms_until
 
@@ -38,12 +39,14 @@ def build_model(name: str, norm: NormRecipe | str | dict, *, num_classes: int, i
     """Build a registered model whose every norm layer is the recipe's (XBNBlock models: all but their
     batch-free positions), with the convs feeding those norms parametrized as the recipe asks (weight
     centring for MABN); ``norm_until`` (stem, stage1) removes the norms after that point. ``norm`` is a
-    recipe from ``build_norm`` or a norm config / name built with the registry's defaults."""
+    recipe from ``build_norm`` or a norm config / name built with the registry's defaults. A norm that
+    carries its activation (EvoNorm-S0, FRN + TLU) gets no ReLU after it (``apply_norm_activations``)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(registered_models())}")
     recipe = norm if isinstance(norm, NormRecipe) else build_norm(norm)
     model = _MODELS[name](recipe.ctor, num_classes=num_classes, in_channels=in_channels, **options)
     keep_norms_until(model, norm_until)
+    apply_norm_activations(model)
     return recipe.prepare(model)
 
 

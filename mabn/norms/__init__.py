@@ -2,8 +2,13 @@
 
 from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
 from .brn import BatchRenorm2d
-from .centering import CenteredWeight, bake_weight_centering, center_conv_weights, conv_norm_pairs
+from .cbn import CrossIterationBatchNorm2d
+from .centering import CenteredWeight, bake_weight_centering, center_conv_weights, conv_norm_pairs, is_paired
+from .evonorm import EvoNormS0
+from .frn import FilterResponseNorm2d
+from .gnws import GroupNormWS, StandardizedWeight
 from .groupnorm import GroupNorm
+from .layernorm import InstanceNorm2d, LayerNorm2d
 from .mabn import MABN2d
 from .registry import (
     NormContext,
@@ -18,8 +23,9 @@ from .registry import (
 )
 
 __all__ = [
-    "BatchNorm2d", "BatchRenorm2d", "CenteredWeight", "FrozenBatchNorm2d", "GroupNorm", "MABN2d",
-    "NormContext", "NormRecipe", "bake_weight_centering", "batch_dependent_types", "build_norm",
-    "center_conv_weights", "conv_norm_pairs", "foldable_types", "norm_types", "register_norm",
-    "norm_defaults", "registered_norms", "SyncBatchNorm",
+    "BatchNorm2d", "BatchRenorm2d", "CenteredWeight", "CrossIterationBatchNorm2d", "EvoNormS0",
+    "FilterResponseNorm2d", "FrozenBatchNorm2d", "GroupNorm", "GroupNormWS", "InstanceNorm2d", "LayerNorm2d",
+    "MABN2d", "NormContext", "NormRecipe", "StandardizedWeight", "bake_weight_centering",
+    "batch_dependent_types", "build_norm", "center_conv_weights", "conv_norm_pairs", "foldable_types",
+    "is_paired", "norm_types", "register_norm", "norm_defaults", "registered_norms", "SyncBatchNorm",
 ]

@@ -1,4 +1,5 @@
-"""Weight-centred convolutions feeding MABN (Yan et al. 2020, Sec. 4.3), as a model transform.
+"""Weight-centred convolutions feeding MABN (Yan et al. 2020, Sec. 4.3), as a model transform; the same
+pairing gives the convs feeding GN+WS their weight standardization (Qiao et al. 2019).
 
 W[o] <- W[o] - mean(W[o]) over (in, kh, kw): the conv output is then ~zero-mean per channel, so the second
 moment MABN normalizes by approximates the variance. Applied with ``torch.nn.utils.parametrize`` so the
@@ -45,21 +46,35 @@ def _channels(norm: nn.Module) -> int | None:
 
 
 def center_conv_weights(model: nn.Module, norm_types_to_center: tuple[type, ...] | None = None) -> list[str]:
-    """Parametrize every conv feeding a norm of the given types (default: MABN2d) to use centred weights.
+    """Pair every conv feeding a norm of the given types (default: every norm that pairs) with that norm.
 
-    Returns the names of the centred convs. Idempotent: an already-centred conv is left as is.
+    The conv's weight gets the norm's parametrization: CenteredWeight for MABN2d, and for a norm with a
+    ``feeding_conv_parametrization()`` method (GroupNormWS: weight standardization) what it returns; a norm
+    with a ``pair_feeding_conv(conv)`` method (CBN: Taylor compensation by the conv's weight) is handed the
+    conv. Returns the names of the paired convs. Idempotent: an already-paired conv is left as is.
     """
-    from .mabn import MABN2d
-
-    targets = norm_types_to_center or (MABN2d,)
+    targets = norm_types_to_center or (nn.Module,)
     names = []
     for cname, conv, _, norm in conv_norm_pairs(model):
-        if not isinstance(norm, targets):
+        if hasattr(norm, "pair_feeding_conv") and isinstance(norm, targets):
+            norm.pair_feeding_conv(conv)
+            names.append(cname)
             continue
-        if not is_centered(conv):
-            parametrize.register_parametrization(conv, "weight", CenteredWeight())
+        make = _feeding_parametrization(norm)
+        if make is None or not isinstance(norm, targets):
+            continue
+        if not is_paired(conv):
+            parametrize.register_parametrization(conv, "weight", make())
         names.append(cname)
     return names
+
+
+def _feeding_parametrization(norm: nn.Module):
+    from .mabn import MABN2d
+
+    if isinstance(norm, MABN2d):
+        return CenteredWeight
+    return getattr(norm, "feeding_conv_parametrization", None)
 
 
 def is_centered(conv: nn.Module) -> bool:
@@ -68,10 +83,18 @@ def is_centered(conv: nn.Module) -> bool:
         isinstance(p, CenteredWeight) for p in conv.parametrizations.weight)
 
 
+def is_paired(conv: nn.Module) -> bool:
+    """Whether ``conv.weight`` goes through a pairing parametrization (centring or standardization)."""
+    from .gnws import StandardizedWeight
+
+    return parametrize.is_parametrized(conv, "weight") and any(
+        isinstance(p, (CenteredWeight, StandardizedWeight)) for p in conv.parametrizations.weight)
+
+
 def bake_weight_centering(model: nn.Module) -> nn.Module:
-    """Replace each centring parametrization by a plain weight holding the centred values (in place)."""
+    """Replace each pairing parametrization (centring, standardization) by a plain weight of its values."""
     for module in model.modules():
-        if isinstance(module, nn.Conv2d) and is_centered(module):
+        if isinstance(module, nn.Conv2d) and is_paired(module):
             unparametrize_weight(module)
     return model
 

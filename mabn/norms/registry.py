@@ -11,7 +11,12 @@ from torch import nn
 
 from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
 from .brn import BatchRenorm2d
+from .cbn import CrossIterationBatchNorm2d
+from .evonorm import EvoNormS0
+from .frn import FilterResponseNorm2d
+from .gnws import GroupNormWS
 from .groupnorm import GroupNorm
+from .layernorm import InstanceNorm2d, LayerNorm2d
 from .mabn import MABN2d
 
 NormCtor = Callable[[int], nn.Module]
@@ -49,7 +54,11 @@ class NormContext:
 
 @dataclass(frozen=True)
 class NormRecipe:
-    """What a model builder needs: the constructor, and whether convs feeding the norm are weight-centred."""
+    """What a model builder needs: the constructor, and whether the convs feeding the norm are paired with it.
+
+    ``weight_centering``: the convs feeding the norm get the norm's weight parametrization through
+    ``center_conv_weights`` (MABN: centring; GN+WS: standardization, i.e. centring and scaling).
+    """
 
     name: str
     ctor: NormCtor
@@ -202,11 +211,41 @@ def _build_bn(p: dict, ctx: NormContext) -> NormRecipe:
 
 
 
-
 @register_norm("gn", types=(nn.GroupNorm,), defaults={"num_groups": 32, "eps": 1e-5},
                batch_dependent=False, foldable=False)
 def _build_gn(p: dict, ctx: NormContext) -> NormRecipe:
     return NormRecipe("gn", functools.partial(GroupNorm, num_groups=p["num_groups"], eps=p["eps"]), params=p)
+
+
+@register_norm("ln", types=(LayerNorm2d,), defaults={"eps": 1e-5}, batch_dependent=False, foldable=False)
+def _build_ln(p: dict, ctx: NormContext) -> NormRecipe:
+    return NormRecipe("ln", functools.partial(LayerNorm2d, eps=p["eps"]), params=p)
+
+
+@register_norm("in", types=(InstanceNorm2d,), defaults={"eps": 1e-5}, batch_dependent=False, foldable=False)
+def _build_in(p: dict, ctx: NormContext) -> NormRecipe:
+    return NormRecipe("in", functools.partial(InstanceNorm2d, eps=p["eps"]), params=p)
+
+
+@register_norm("gnws", types=(GroupNormWS,), defaults={"num_groups": 32, "eps": 1e-5, "ws_eps": 1e-5},
+               batch_dependent=False, foldable=False)
+def _build_gnws(p: dict, ctx: NormContext) -> NormRecipe:
+    ctor = functools.partial(GroupNormWS, num_groups=p["num_groups"], eps=p["eps"], ws_eps=p["ws_eps"])
+    return NormRecipe("gnws", ctor, weight_centering=True, params=p)  # pairs convs: weight standardization
+
+
+@register_norm("evonorm_s0", types=(EvoNormS0,), defaults={"num_groups": 32, "eps": 1e-5},
+               batch_dependent=False, foldable=False)
+def _build_evonorm_s0(p: dict, ctx: NormContext) -> NormRecipe:
+    ctor = functools.partial(EvoNormS0, num_groups=p["num_groups"], eps=p["eps"])
+    return NormRecipe("evonorm_s0", ctor, params=p)
+
+
+@register_norm("frn", types=(FilterResponseNorm2d,), defaults={"eps": 1e-6, "learnable_eps": False},
+               batch_dependent=False, foldable=False)
+def _build_frn(p: dict, ctx: NormContext) -> NormRecipe:
+    ctor = functools.partial(FilterResponseNorm2d, eps=p["eps"], learnable_eps=bool(p["learnable_eps"]))
+    return NormRecipe("frn", ctor, params=p)
 
 
 @register_norm("brn", types=(BatchRenorm2d,),
@@ -242,6 +281,21 @@ def _build_mabn(p: dict, ctx: NormContext) -> NormRecipe:
         r_max=p["r_max"])
     return NormRecipe("mabn", ctor, weight_centering=bool(p["weight_centering"]), batch_dependent=True,
                       params={**p, "window": window})
+
+
+@register_norm("cbn", types=(CrossIterationBatchNorm2d,),
+               defaults={"window": 4, "burnin_iters": None, "eps": 1e-5, "momentum": 0.1},
+               batch_dependent=True, foldable=True)
+def _build_cbn(p: dict, ctx: NormContext) -> NormRecipe:
+    # Official COCO setting: window 4 (the current and 3 previous batches), burn-in 8 of 12 epochs; burn-in
+    # defaults to 2/3 of the run when its length is known.
+    burnin = p["burnin_iters"]
+    if burnin is None:
+        burnin = (2 * ctx.total_iters) // 3 if ctx.total_iters else 0
+    ctor = functools.partial(CrossIterationBatchNorm2d, window=p["window"], burnin_iters=_iters(burnin, ctx),
+                             group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"])
+    return NormRecipe("cbn", ctor, weight_centering=True, batch_dependent=True,
+                      params={**p, "burnin_iters": burnin})
 
 
 @register_norm("syncbn", types=(nn.SyncBatchNorm,), defaults={"eps": 1e-5, "momentum": 0.1},
