@@ -16,6 +16,8 @@ import torch
 from .test_train import ROOT, TINY, run_dir, train
 from .tinydata import make_fmnist_like, make_imagefolder
 
+pytestmark = pytest.mark.slow  # each drives the real entry point once or more (10-60 s on a 2-core CPU)
+
 SHORT = ["norm=mabn", "batch=2", "epochs=2", "train.max_iters_per_epoch=6"]
 
 

@@ -65,6 +65,7 @@ def _final_state(runs):
     return saved["model"], saved["optimizer"]["state"], saved["state"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["mabn", "brn"])
 def test_resume_is_bitwise(norm, tmp_path, data_root):
     """N steps straight == N/2 steps, stop, resume (same command), N/2 steps: weights, norm state, optimizer."""
@@ -97,6 +98,7 @@ def test_sigterm_checkpoints_and_exits(tmp_path, data_root):
     assert state["iter"] >= 1
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path, data_root):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     out = train(["norm=mabn", "batch=2", "epochs=1"], tmp_path, data_root, launcher=launcher, timeout=600)
@@ -131,6 +133,7 @@ def test_bad_config_named_before_training(args, message, tmp_path, data_root):
     assert not list(Path(tmp_path).glob("*/checkpoints"))
 
 
+@pytest.mark.slow
 def test_imagefolder_trains_and_class_folders_are_checked(tmp_path):
     """data=imagenet on a tiny ImageFolder (ImageNet's layout): JPEG decoding, crops, ResNet-18, evaluation."""
     root = make_imagefolder(tmp_path / "imagefolder")
@@ -176,6 +179,7 @@ def test_local_multirun_goes_on_after_a_diverged_cell(tmp_path, data_root):
         assert json.loads((d / "summary.json").read_text())["status"] == "diverged"
 
 
+@pytest.mark.slow
 def test_joblib_launcher_runs_cells_in_parallel_processes(tmp_path, data_root):
     out = train(["norm=bn,mabn", "batch=2", "epochs=1", "launcher=joblib", "launcher.n_jobs=2"], tmp_path, data_root,
                 base=["-m", *TINY])
@@ -194,6 +198,7 @@ def test_precise_bn_evaluation_is_recorded(tmp_path, data_root):
     assert any("val/precise_top1" in json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_config_and_keeps_the_checkpoint(tmp_path, data_root):
     train(["norm=bn", "batch=2", "epochs=1"], tmp_path, data_root)
     last = run_dir(tmp_path) / "checkpoints" / "last.pt"
