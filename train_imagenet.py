@@ -51,7 +51,7 @@ def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignal
         ) -> int:
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpointer = Checkpointer(Path(cfg.run.dir) / "checkpoints", cfg.train.keep_last)
-    saved = claim_run_dir(cfg, config, checkpointer, info)  # before any data or model is built
+    saved, changes = claim_run_dir(cfg, config, checkpointer, info)  # before any data or model is built
     torch.manual_seed(cfg.seed + info.rank)
     parts, settings, lr, recipe, datasets = build(cfg, plan, info)
     recorder = RunRecorder(cfg.run.dir, enabled=info.is_main, wandb_cfg=OmegaConf.to_container(cfg.logger),
@@ -59,7 +59,6 @@ def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignal
     loop = TrainLoop(parts, settings, recorder=recorder, checkpointer=checkpointer, stops=stops, info=info,
                      config=config, progress=_progress(cfg.train.progress, info.is_main))
     if saved is not None:
-        changes = rundir.resume_changes(saved.config, config, cfg.run.allow_changes, saved.iteration)
         loop.restore(saved, keep_optimizer_settings=bool(changes))
         loop.state["changes"] = loop.state["changes"] + changes
         try:  # records after the checkpoint are written again
@@ -88,10 +87,10 @@ def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignal
 
 
 def claim_run_dir(cfg: DictConfig, config: dict, checkpointer: Checkpointer, info: dist.DistInfo
-                  ) -> Checkpoint | None:
-    """Rank 0 makes the run directory this run's (rundir.claim) and finds the checkpoint to resume; every
-    rank then resumes the same file, or every rank raises the same ConfigError."""
-    found, error = None, None
+                  ) -> tuple[Checkpoint | None, list[dict]]:
+    """Rank 0 makes the run directory this run's (rundir.claim), finds the checkpoint to resume and the
+    settings the resume changes; every rank then resumes the same file, or raises the same ConfigError."""
+    saved, found, changes, error = None, None, [], None
     if info.is_main:
         try:
             rundir.check_writable(Path(cfg.run.dir))
@@ -99,17 +98,22 @@ def claim_run_dir(cfg: DictConfig, config: dict, checkpointer: Checkpointer, inf
             notices = rundir.claim(Path(cfg.run.dir), config, has_checkpoint=saved is not None,
                                    resume=cfg.run.resume, overwrite=cfg.run.overwrite,
                                    checkpoint_config=saved.config if saved else None, unreadable=unreadable)
-            if saved is not None and unreadable:
-                notices.append(f"{'; '.join(unreadable)}: resuming from the older {saved.path.name}")
+            saved = None if cfg.run.overwrite else saved
+            if saved is not None:
+                changes = rundir.resume_changes(saved.config, config, cfg.run.allow_changes, saved.iteration)
+                if unreadable:
+                    notices.append(f"{'; '.join(unreadable)}: resuming from the older {saved.path.name}")
             for notice in notices:
                 print(notice, flush=True)
-            found = str(saved.path) if saved is not None and not cfg.run.overwrite else None
+            found = str(saved.path) if saved is not None else None
         except ConfigError as err:
             error = str(err)
-    found, error = dist.broadcast_object((found, error))
+    found, changes, error = dist.broadcast_object((found, changes, error))
     if error is not None:
         raise ConfigError(error)
-    return read_checkpoint(found) if found else None
+    if found and saved is None:  # the other ranks read the file rank 0 chose
+        saved = read_checkpoint(found)
+    return saved, changes
 
 
 def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo):
