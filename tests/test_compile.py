@@ -92,3 +92,25 @@ def test_compiled_equals_eager(name, groups):
     counter = getattr(eager[0], "num_batches_tracked", None)
     if name in ("brn", "mabn"):  # the schedules above were passed
         assert int(counter) == CALLS * GROUPS[groups] > 3 * GROUPS[groups]
+
+
+def test_ops_pass_opcheck():
+    """The ops' schemas (declared writes), fake kernels and autograd formula agree with their kernels."""
+    from mabn.norms import _mabn_ops as ops
+    from mabn.norms.brn import renorm_state_op
+
+    gen = torch.Generator().manual_seed(0)
+    groups, c = 3, 4
+    x = torch.randn(groups * 2, c, 3, 3, generator=gen, dtype=torch.float64)
+    for t in (0, 5):  # warm-up, then the moving averages
+        state = (torch.rand(WINDOW, c, generator=gen, dtype=torch.float64), torch.ones(c, dtype=torch.float64),
+                 torch.tensor(t))
+        torch.library.opcheck(ops.forward_state_op, (x, *state, groups, WINDOW, 2, 4, 1.5, 0.2, 1e-5))
+        chi2_bar, r, use_sma, t0 = ops.forward_state(x, *state, groups, WINDOW, 2, 4, 1.5, 0.2, 1e-5)
+        ring_gz = torch.rand(WINDOW, c, generator=gen, dtype=torch.float64)
+        torch.library.opcheck(ops.update_ring_gz_op, (ring_gz, chi2_bar, t0, use_sma, WINDOW))
+        weight, bias = (torch.rand(c, generator=gen, dtype=torch.float64).requires_grad_(True) for _ in "wb")
+        args = (x.clone().requires_grad_(True), weight, bias, chi2_bar, r, use_sma, ring_gz, t0, WINDOW, 1e-5)
+        torch.library.opcheck(ops.normalize_op, args)
+        brn_state = (torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64), torch.tensor(t))
+        torch.library.opcheck(renorm_state_op, (chi2_bar, r, *brn_state, 18, 0.3, 1e-5, 2.0, 0.5, 1, 3, 2))
