@@ -10,6 +10,7 @@ float64; each case is one compile (compiles are the cost of this file, so the gr
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from torch import nn
 
 from mabn.norms import build_norm, registered_norms
 from mabn.norms.registry import NormContext
+
+from .test_train import run_dir, train
+from .tinydata import make_fmnist_like
 
 N, WINDOW, CALLS = 2, 4, 6  # samples per normalization batch, MABN window, training calls per case
 # Schedules in training iterations (the registry turns them into normalization batches): after CALLS calls
@@ -114,3 +118,29 @@ def test_ops_pass_opcheck():
         torch.library.opcheck(ops.normalize_op, args)
         brn_state = (torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64), torch.tensor(t))
         torch.library.opcheck(renorm_state_op, (chi2_bar, r, *brn_state, 18, 0.3, 1e-5, 2.0, 0.5, 1, 3, 2))
+
+
+# Schedules short enough that 4 iterations (4 groups each) pass warm-up, MABN's window and renorm, BRN's ramps.
+TRAIN_SCHEDULES = {
+    "bn": [],
+    "brn": ["norm.warmup_iters=1", "norm.r_max_iters=3", "norm.d_max_iters=2"],
+    "mabn": ["norm.window=4", "norm.warmup_iters=1", "norm.renorm_iters=2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", sorted(TRAIN_SCHEDULES))
+def test_train_compile_equals_eager(norm, tmp_path):
+    """train.compile=true end to end (weight-centred convs included): the same losses and top-1 as eager."""
+    root = make_fmnist_like(tmp_path / "fmnist")
+    records = {}
+    for mode in ("false", "true"):
+        train([f"norm={norm}", "batch=2", f"train.compile={mode}", *TRAIN_SCHEDULES[norm]], tmp_path / mode, root)
+        d = run_dir(tmp_path / mode)
+        lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        losses = [x["train/loss"] for x in lines if "train/loss" in x]
+        records[mode] = losses, json.loads((d / "summary.json").read_text())["top1"]
+    (eager_losses, eager_top1), (compiled_losses, compiled_top1) = records["false"], records["true"]
+    assert len(eager_losses) == 4
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5), norm
+    assert compiled_top1 == eager_top1
