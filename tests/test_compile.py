@@ -3,8 +3,8 @@
 A buffer written where the compiler cannot see it (MABN's Ψ ring, once written in a custom backward through
 ``ctx``) or a backward that re-reads a buffer the forward has already updated is silently wrong only in some
 phases, so each case runs through warm-up, the moving averages and renormalization (BRN: its ramps) with 1
-group per call (a true small batch), fewer groups than MABN's window, as many, and more. CPU inductor,
-float64; each case is one compile (compiles are the cost of this file, so the graphs are small).
+group per call (a true small batch), fewer groups than MABN's window, as many, and more (channels_last).
+CPU inductor, float64; each case is one compile (compiles are the cost of this file, so the graphs are small).
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def test_compiled_equals_eager(name, groups):
     for call in range(CALLS):
         # scale and shift drift between calls, so that r, d and the moving averages move (and clip)
         x = torch.randn(batch, 4, 3, 3, generator=gen, dtype=torch.float64) * (0.5 + call % 3) + 0.3 * call
+        if groups == "more than window":  # channels_last, as train.channels_last runs on GPUs
+            x = x.contiguous(memory_format=torch.channels_last)
         dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
         outs = []
         for model in (compiled, eager):
