@@ -109,8 +109,8 @@ def test_ops_pass_opcheck():
     groups, c = 3, 4
     x = torch.randn(groups * 2, c, 3, 3, generator=gen, dtype=torch.float64)
     for t in (0, 5):  # warm-up, then the moving averages
-        state = (torch.rand(WINDOW, c, generator=gen, dtype=torch.float64), torch.ones(c, dtype=torch.float64),
-                 torch.tensor(t))
+        ring_x2 = torch.rand(WINDOW, c, generator=gen, dtype=torch.float64)
+        state = (ring_x2, torch.ones(c, dtype=torch.float64), torch.tensor(t))
         torch.library.opcheck(ops.forward_state_op, (x, *state, groups, WINDOW, 2, 4, 1.5, 0.2, 1e-5))
         chi2_bar, r, use_sma, t0 = ops.forward_state(x, *state, groups, WINDOW, 2, 4, 1.5, 0.2, 1e-5)
         ring_gz = torch.rand(WINDOW, c, generator=gen, dtype=torch.float64)
@@ -122,7 +122,7 @@ def test_ops_pass_opcheck():
         torch.library.opcheck(renorm_state_op, (chi2_bar, r, *brn_state, 18, 0.3, 1e-5, 2.0, 0.5, 1, 3, 2))
 
 
-# Schedules short enough that 4 iterations (4 groups each) pass warm-up, MABN's window and renorm, BRN's ramps.
+# Schedules short enough that 4 iterations (4 groups each) pass warm-up, MABN's window, renorm, BRN's ramps.
 TRAIN_SCHEDULES = {
     "bn": [],
     "brn": ["norm.warmup_iters=1", "norm.r_max_iters=3", "norm.d_max_iters=2"],
@@ -137,7 +137,8 @@ def test_train_compile_equals_eager(norm, tmp_path):
     root = make_fmnist_like(tmp_path / "fmnist")
     records = {}
     for mode in ("false", "true"):
-        train([f"norm={norm}", "batch=2", f"train.compile={mode}", *TRAIN_SCHEDULES[norm]], tmp_path / mode, root)
+        args = [f"norm={norm}", "batch=2", f"train.compile={mode}", *TRAIN_SCHEDULES[norm]]
+        train(args, tmp_path / mode, root)
         d = run_dir(tmp_path / mode)
         lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
         losses = [x["train/loss"] for x in lines if "train/loss" in x]

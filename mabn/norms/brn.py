@@ -31,7 +31,8 @@ def clip_limits(t: Tensor, r_max: float, d_max: float, warmup_iters: int, r_max_
 
 def renorm_state(mean_b: Tensor, var_b: Tensor, running_mean: Tensor, running_var: Tensor,
                  num_batches_tracked: Tensor, count: int, momentum: float, eps: float, r_max: float,
-                 d_max: float, warmup_iters: int, r_max_iters: int, d_max_iters: int) -> tuple[Tensor, Tensor]:
+                 d_max: float, warmup_iters: int, r_max_iters: int,
+                 d_max_iters: int) -> tuple[Tensor, Tensor]:
     """r, d (G, C) of each group from the running statistics as it sees them; then the G updates, in order."""
     groups, dt = mean_b.shape[0], mean_b.dtype
     mu_seq, mu_end = sequential_ema(running_mean.to(dt), mean_b, momentum)
@@ -127,7 +128,7 @@ class BatchRenorm2d(nn.Module):
             raise ValueError(f"BatchRenorm2d needs more than 1 value per channel in a normalization batch, "
                              f"got a group of {n} sample(s) of spatial size {tuple(x.shape[2:])}")
 
-        # under torch.compile the state update is an op that declares the buffers it writes (see renorm_state_op)
+        # under torch.compile: the state update as an op declaring the buffers it writes (renorm_state_op)
         state = renorm_state_op if torch.compiler.is_compiling() else renorm_state
         limits = (self.r_max, self.d_max, self.warmup_iters, self.r_max_iters, self.d_max_iters)
 
