@@ -103,6 +103,8 @@ def ema_weights(momentum: float, groups: int, device, dtype) -> tuple[Tensor, Te
     CPU-built tensor copied to a GPU would be a host-device synchronisation inside every forward. Cached per
     (momentum, G, device, dtype): every layer of a model asks for the same weights at every step.
     """
+    if torch.compiler.is_compiling():  # traced into the graph: Dynamo would skip the cache (with a warning)
+        return _ema_weights.__wrapped__(float(momentum), int(groups), torch.device(device), dtype)
     return _ema_weights(float(momentum), int(groups), torch.device(device), dtype)
 
 

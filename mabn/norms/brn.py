@@ -18,6 +18,57 @@ from ._common import (
 )
 
 
+def clip_limits(t: Tensor, r_max: float, d_max: float, warmup_iters: int, r_max_iters: int,
+                d_max_iters: int) -> tuple[Tensor, Tensor]:
+    """(r_max, d_max) in force at normalization batch t: 1 and 0 through warm-up, then linear ramps."""
+
+    def ramp(end: int) -> Tensor:  # 0 up to warm-up, linear to 1 at ``end``, 1 after; t counted from 1
+        return ((t - warmup_iters) / max(end - warmup_iters, 1)).clamp(0.0, 1.0)
+
+    t = t.to(torch.float64)
+    return 1.0 + (r_max - 1.0) * ramp(r_max_iters), d_max * ramp(d_max_iters)
+
+
+def renorm_state(mean_b: Tensor, var_b: Tensor, running_mean: Tensor, running_var: Tensor,
+                 num_batches_tracked: Tensor, count: int, momentum: float, eps: float, r_max: float,
+                 d_max: float, warmup_iters: int, r_max_iters: int,
+                 d_max_iters: int) -> tuple[Tensor, Tensor]:
+    """r, d (G, C) of each group from the running statistics as it sees them; then the G updates, in order."""
+    groups, dt = mean_b.shape[0], mean_b.dtype
+    mu_seq, mu_end = sequential_ema(running_mean.to(dt), mean_b, momentum)
+    var_seq, var_end = sequential_ema(running_var.to(dt), var_b * (count / (count - 1)), momentum)
+    sigma = torch.sqrt(var_seq + eps)
+    t = num_batches_tracked + 1 + torch.arange(groups, device=mean_b.device)
+    lim_r, lim_d = (lim.to(dt).view(groups, 1) for lim in
+                    clip_limits(t, r_max, d_max, warmup_iters, r_max_iters, d_max_iters))
+    r = torch.minimum(torch.maximum(torch.sqrt(var_b + eps) / sigma, 1.0 / lim_r), lim_r)
+    d = torch.minimum(torch.maximum((mean_b - mu_seq) / sigma, -lim_d), lim_d)
+    running_mean.copy_(mu_end)
+    running_var.copy_(var_end)
+    num_batches_tracked.add_(groups)
+    return r, d
+
+
+# The backward needs r and d, computed from the running statistics the forward then updates in place.
+# AOTAutograd's partitioners may recompute such values in the backward from the (by then updated) buffers:
+# the gradient silently uses the next step's statistics. Outputs of an opaque op are saved, not recomputed,
+# and the op's schema declares the writes.
+@torch.library.custom_op("mabn::renorm_state",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def renorm_state_op(mean_b: Tensor, var_b: Tensor, running_mean: Tensor, running_var: Tensor,
+                    num_batches_tracked: Tensor, count: int, momentum: float, eps: float, r_max: float,
+                    d_max: float, warmup_iters: int, r_max_iters: int,
+                    d_max_iters: int) -> tuple[Tensor, Tensor]:
+    """``renorm_state`` as an op: BRN's writes to its running statistics and counter, declared."""
+    return renorm_state(mean_b, var_b, running_mean, running_var, num_batches_tracked, count, momentum, eps,
+                        r_max, d_max, warmup_iters, r_max_iters, d_max_iters)
+
+
+@renorm_state_op.register_fake
+def _(mean_b, var_b, *args):
+    return torch.empty_like(mean_b), torch.empty_like(mean_b)
+
+
 class BatchRenorm2d(nn.Module):
     """Batch Renormalization: x̂ = (x − μ_B)/σ_B · r + d with r, d constants in backward (Ioffe 2017, Alg. 1).
 
@@ -57,17 +108,9 @@ class BatchRenorm2d(nn.Module):
                 f"r_max={self.r_max}, d_max={self.d_max}, warmup_iters={self.warmup_iters}, "
                 f"r_max_iters={self.r_max_iters}, d_max_iters={self.d_max_iters}")
 
-    def _ramp(self, t: Tensor, end: int) -> Tensor:
-        """0 up to warm-up, linear to 1 at ``end``, 1 after; t counts normalization batches from 1."""
-        span = max(end - self.warmup_iters, 1)
-        return ((t - self.warmup_iters) / span).clamp(0.0, 1.0)
-
     def clip_limits(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(r_max, d_max) in force at normalization batch t (a tensor: no host sync)."""
-        t = t.to(torch.float64)
-        r_max = 1.0 + (self.r_max - 1.0) * self._ramp(t, self.r_max_iters)
-        d_max = self.d_max * self._ramp(t, self.d_max_iters)
-        return r_max, d_max
+        return clip_limits(t, self.r_max, self.d_max, self.warmup_iters, self.r_max_iters, self.d_max_iters)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, type(self).__name__)
@@ -85,19 +128,12 @@ class BatchRenorm2d(nn.Module):
             raise ValueError(f"BatchRenorm2d needs more than 1 value per channel in a normalization batch, "
                              f"got a group of {n} sample(s) of spatial size {tuple(x.shape[2:])}")
 
+        # under torch.compile: the state update as an op declaring the buffers it writes (renorm_state_op)
+        state = renorm_state_op if torch.compiler.is_compiling() else renorm_state
+        limits = (self.r_max, self.d_max, self.warmup_iters, self.r_max_iters, self.d_max_iters)
+
         def renorm(mean_b: Tensor, var_b: Tensor) -> tuple[Tensor, Tensor]:
-            # r, d from the running statistics as each group sees them (sequential contract); the running
-            # statistics then take the G group updates in order
-            mu_seq, mu_end = sequential_ema(self.running_mean.to(dt), mean_b, self.momentum)
-            var_seq, var_end = sequential_ema(self.running_var.to(dt), var_b * (count / (count - 1)), self.momentum)
-            sigma = torch.sqrt(var_seq + self.eps)
-            t = self.num_batches_tracked + 1 + torch.arange(groups, device=x.device)
-            r_max, d_max = (lim.to(dt).view(groups, 1) for lim in self.clip_limits(t))
-            r = torch.minimum(torch.maximum(torch.sqrt(var_b + self.eps) / sigma, 1.0 / r_max), r_max)
-            d = torch.minimum(torch.maximum((mean_b - mu_seq) / sigma, -d_max), d_max)
-            self.running_mean.copy_(mu_end)
-            self.running_var.copy_(var_end)
-            self.num_batches_tracked.add_(groups)
-            return r, d
+            return state(mean_b, var_b, self.running_mean, self.running_var, self.num_batches_tracked, count,
+                         self.momentum, self.eps, *limits)
 
         return centred_norm(x, self.weight, self.bias, groups, self.eps, renorm)[0]

@@ -1,0 +1,186 @@
+"""MABN's kernels (Yan et al. 2020, Alg. 1-2, grouped) and the torch.library ops declaring its state writes.
+
+Eager mode runs the kernels directly (``MABNNormalize`` and ``forward_state``); under torch.compile the layer
+calls the ops instead, whose schemas say which buffers each one writes (``mutates_args``), with fake
+implementations for tracing and an autograd formula. Two compiler traps make the ops necessary:
+
+- a buffer written inside an autograd.Function's backward through ``ctx`` (MABN's Ψ ring) is dropped by
+  Dynamo, which traces that backward as a functional subgraph: gradients and ``ring_gz`` come out wrong;
+- AOTAutograd's min-cut partitioner may recompute in the backward a value derived from a buffer that the
+  forward then updates in place (a ``clone`` of the counter, r from ``running_var``), reading the updated
+  buffer: the backward then uses the next step's statistics. Outputs of an opaque op are saved, never
+  recomputed, so the forward statistics come out of ``mabn::forward_state``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._common import group_sum, per_sample, sequential_ema, spatial_dot, spatial_sum_sq, stat_dtype
+
+
+def window_means(ring: Tensor, t0: Tensor, new: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Simple moving averages over the last ``window`` normalization batches, current one included.
+
+    ``ring[t mod window]`` holds the statistic of normalization batch t (t counted from 1, ``t0`` seen so
+    far); ``new`` (G, C) holds those of batches t0+1 .. t0+G. Returns the SMA ending at each new batch
+    (G, C), and the ring's next content with its slot indices, all with tensor ops (no host sync).
+    """
+    steps = torch.arange(window, device=ring.device)
+    old = ring.index_select(0, (t0 - window + 1 + steps) % window).to(new.dtype)
+    seq = torch.cat([old, new])  # chronological: times t0-window+1 .. t0+G
+    sma = seq.unfold(0, window, 1)[1:].mean(dim=-1)  # windows ending at t0+1 .. t0+G
+    groups = new.shape[0]
+    return sma, seq[-window:], (t0 + groups - window + 1 + steps) % window
+
+
+def forward_state(x: Tensor, ring_x2: Tensor, running_var: Tensor, num_batches_tracked: Tensor, groups: int,
+                  window: int, warmup_iters: int, renorm_iters: int, r_max: float, momentum: float,
+                  eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """χ̄², r and the SMA mask (G, C), (G, C), (G, 1) of each group, and t0; advances the three buffers."""
+    dt = stat_dtype(x)
+    count = x.numel() // (groups * x.shape[1])
+    chi2 = group_sum(spatial_sum_sq(x.to(dt)), groups) / count  # (G, C): χ²_t = mean(x²) per group
+    t0 = num_batches_tracked.clone()
+    t = (t0 + 1 + torch.arange(groups, device=x.device))[:, None]  # (G, 1), counted from 1
+    sma, ring_next, slots = window_means(ring_x2, t0, chi2, window)
+    use_sma = (t > window) & (t >= warmup_iters)
+    chi2_bar = torch.where(use_sma, sma, chi2)
+    v_seq, v_end = sequential_ema(running_var.to(dt), chi2_bar, momentum)
+    ratio = torch.sqrt(chi2_bar + eps) / torch.sqrt(v_seq + eps)
+    r_on = t > max(renorm_iters, warmup_iters)
+    r = torch.where(r_on, ratio.clamp(1.0 / r_max, r_max), torch.ones_like(ratio))
+    ring_x2.index_copy_(0, slots, ring_next.to(ring_x2.dtype))
+    running_var.copy_(v_end)
+    num_batches_tracked.add_(groups)
+    return chi2_bar, r, use_sma, t0
+
+
+def normalize(x: Tensor, weight: Tensor, bias: Tensor, chi2_bar: Tensor, r: Tensor, eps: float):
+    """y = γ·r·x/√(χ̄²+ε) + β per group (one fused multiply-add), and s = 1/√(χ̄²+ε) (G, C)."""
+    dt = chi2_bar.dtype
+    inv = torch.rsqrt(chi2_bar + eps)  # (G, C)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = torch.addcmul(bias.to(dt).view(shape), x.to(dt), per_sample(inv * weight.to(dt) * r, x))
+    return y.to(x.dtype), inv
+
+
+def push_psi(ring_gz: Tensor, psi: Tensor, t0: Tensor, use_sma: Tensor, window: int) -> Tensor:
+    """Write Ψ of the new normalization batches into ``ring_gz``; return the Ψ̄ the backward uses."""
+    sma, ring_next, slots = window_means(ring_gz, t0, psi, window)
+    ring_gz.index_copy_(0, slots, ring_next.to(ring_gz.dtype))
+    return torch.where(use_sma, sma, psi)  # Ψ̄ = SMA of Ψ past warm-up (paper Sec. 4.2, Alg. 2)
+
+
+def grads(dy: Tensor, x: Tensor, weight: Tensor, inv: Tensor, r: Tensor, psi_bar_of, needs):
+    """dx, dγ, dβ of MABN's backward; ``psi_bar_of(Ψ)`` pushes Ψ into the ring and returns Ψ̄ (G, C).
+
+    With w = γ·r and D = Σ dy·x per group and channel (one reduction): Ψ = w·s·D/count, dγ = Σ_groups r·s·D,
+    and dx = dy·(w·s) − x·(s²·Ψ̄) is one multiply and one fused multiply-add.
+    """
+    groups, dt = inv.shape[0], inv.dtype
+    xd, dyd = x.to(dt), dy.to(dt)
+    count = x.numel() // (groups * x.shape[1])  # samples x positions per normalization batch
+    w = weight.to(dt) * r  # (G, C)
+    dot = group_sum(spatial_dot(dyd, xd), groups)  # (G, C): Σ dy·x
+    psi_bar = psi_bar_of(w * inv * dot / count)  # Ψ_t = mean(ĝ·z) per normalization batch
+    dx = dw = db = None
+    if needs[0]:
+        dx = (dyd * per_sample(w * inv, x)).addcmul_(xd, per_sample(-inv * inv * psi_bar, x)).to(x.dtype)
+    if needs[1]:
+        dw = (r * inv * dot).sum(dim=0).to(weight.dtype)
+    if needs[2]:
+        db = dyd.sum(dim=(0, *range(2, x.dim()))).to(weight.dtype)
+    return dx, dw, db
+
+
+class MABNNormalize(torch.autograd.Function):
+    """y = γ·r·x/√(χ̄²+ε) + β per group, with MABN's backward through the moving average of Ψ (eager path).
+
+    Forward statistics (χ̄², r) come in as constants; the backward replaces the batch statistic
+    Ψ = mean(ĝ·z) by its SMA over the last ``window`` normalization batches (paper Sec. 4.2) once past
+    warm-up, and writes the current Ψ into ``ring_gz``. With Ψ of the current batch the result is the
+    exact gradient of y = γ·x/√(mean(x²)+ε) + β.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, chi2_bar, r, use_sma, ring_gz, t0, window, eps):
+        y, inv = normalize(x, weight, bias, chi2_bar, r, eps)
+        ctx.save_for_backward(x, weight, inv, r, use_sma, t0)
+        ctx.ring_gz, ctx.window = ring_gz, window
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, inv, r, use_sma, t0 = ctx.saved_tensors
+
+        def psi_bar_of(psi):
+            return push_psi(ctx.ring_gz, psi, t0, use_sma, ctx.window)
+
+        dx, dw, db = grads(dy, x, weight, inv, r, psi_bar_of, ctx.needs_input_grad)
+        return dx, dw, db, None, None, None, None, None, None, None
+
+
+@torch.library.custom_op("mabn::forward_state",
+                         mutates_args=("ring_x2", "running_var", "num_batches_tracked"))
+def forward_state_op(x: Tensor, ring_x2: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
+                     groups: int, window: int, warmup_iters: int, renorm_iters: int, r_max: float,
+                     momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``forward_state`` as an op: the forward's writes to ring_x2, running_var and the counter, declared."""
+    return forward_state(x, ring_x2, running_var, num_batches_tracked, groups, window, warmup_iters,
+                         renorm_iters, r_max, momentum, eps)
+
+
+@forward_state_op.register_fake
+def _(x, ring_x2, running_var, num_batches_tracked, groups, window, warmup_iters, renorm_iters, r_max,
+      momentum, eps):
+    stat = x.new_empty((groups, x.shape[1]), dtype=stat_dtype(x))
+    return stat, torch.empty_like(stat), x.new_empty((groups, 1), dtype=torch.bool), torch.empty_like(
+        num_batches_tracked)
+
+
+@torch.library.custom_op("mabn::update_ring_gz", mutates_args=("ring_gz",))
+def update_ring_gz_op(ring_gz: Tensor, psi: Tensor, t0: Tensor, use_sma: Tensor, window: int) -> Tensor:
+    """``push_psi`` as an op: the backward's write to ring_gz, declared."""
+    return push_psi(ring_gz, psi, t0, use_sma, window)
+
+
+@update_ring_gz_op.register_fake
+def _(ring_gz, psi, t0, use_sma, window):
+    return torch.empty_like(psi)
+
+
+@torch.library.custom_op("mabn::normalize", mutates_args=())
+def normalize_op(x: Tensor, weight: Tensor, bias: Tensor, chi2_bar: Tensor, r: Tensor, use_sma: Tensor,
+                 ring_gz: Tensor, t0: Tensor, window: int, eps: float) -> Tensor:
+    """``MABNNormalize`` as an op; its backward (``_normalize_backward``) writes ``ring_gz``."""
+    return normalize(x, weight, bias, chi2_bar, r, eps)[0]
+
+
+@normalize_op.register_fake
+def _(x, weight, bias, chi2_bar, r, use_sma, ring_gz, t0, window, eps):
+    return torch.empty_like(x)
+
+
+def _normalize_setup(ctx, inputs, output):
+    x, weight, _, chi2_bar, r, use_sma, ring_gz, t0, window, eps = inputs
+    ctx.save_for_backward(x, weight, chi2_bar, r, use_sma, t0)
+    # an attribute, not a saved tensor: the backward writes it, which a saved tensor's version check forbids
+    ctx.ring_gz, ctx.window, ctx.eps = ring_gz, window, eps
+
+
+def _normalize_backward(ctx, dy):
+    x, weight, chi2_bar, r, use_sma, t0 = ctx.saved_tensors
+    inv = torch.rsqrt(chi2_bar + ctx.eps)
+
+    def psi_bar_of(psi):
+        return update_ring_gz_op(ctx.ring_gz, psi, t0, use_sma, ctx.window)
+
+    dx, dw, db = grads(dy, x, weight, inv, r, psi_bar_of, ctx.needs_input_grad)
+    return dx, dw, db, None, None, None, None, None, None, None
+
+
+normalize_op.register_autograd(_normalize_backward, setup_context=_normalize_setup)
