@@ -1,4 +1,4 @@
-"""Any model's BatchNorm-family layers to a registered norm in one call, and back to plain BatchNorm2d for export.
+"""Any model's BatchNorm-family layers to a registered norm in one call, and back to BatchNorm2d for export.
 
 Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` and mmengine's ``revert_sync_batchnorm``, but for every
 norm of the registry: torch's BatchNorm2d and SyncBatchNorm, detectron2's, torchvision's and timm's frozen
@@ -24,8 +24,8 @@ from .registry import NormContext, NormRecipe, build_norm, foldable_types, norm_
 STATISTICS_NORMS = ("bn", "brn", "syncbn", "frozenbn", "cbn")
 
 # Frozen BatchNorms of other libraries: (module, class); buffers weight, bias, running_mean, running_var.
-_FROZEN = (("detectron2.layers.batch_norm", "FrozenBatchNorm2d"), ("torchvision.ops.misc", "FrozenBatchNorm2d"),
-           ("timm.layers.norm_act", "FrozenBatchNormAct2d"))
+_FROZEN = (("detectron2.layers.batch_norm", "FrozenBatchNorm2d"),
+           ("torchvision.ops.misc", "FrozenBatchNorm2d"), ("timm.layers.norm_act", "FrozenBatchNormAct2d"))
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,10 @@ class ConversionReport:
     norm: str
     converted: list[Converted] = field(default_factory=list)
     left: list[Left] = field(default_factory=list)
-    paired: list[str] = field(default_factory=list)       # convs paired with a converted norm (centring, WS, CBN)
+    paired: list[str] = field(default_factory=list)       # convs paired with a new norm (centring, WS, CBN)
     unpaired: list[str] = field(default_factory=list)     # converted norms that pair but have no feeding conv
     baked: list[str] = field(default_factory=list)        # revert: convs whose pairing became a plain weight
-    activations: list[str] = field(default_factory=list)  # apply_norm_activations' changes (torchvision ResNets)
+    activations: list[str] = field(default_factory=list)  # apply_norm_activations' changes (ResNets)
 
     def __str__(self) -> str:
         lines = [f"{len(self.converted)} layer(s) -> {self.norm}, {len(self.left)} left, "
@@ -70,7 +70,7 @@ class ConversionReport:
 
 
 class NormAct2d(nn.Module):
-    """A registry norm followed by the drop layer and activation of the timm ``BatchNormAct2d`` it replaced."""
+    """A registry norm followed by the drop layer and activation of the timm BatchNormAct2d it replaced."""
 
     wraps_norm = True  # conv_norm_pairs looks through it: the conv before it feeds ``norm``
 
@@ -82,6 +82,9 @@ class NormAct2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.drop(self.norm(x)))
+
+
+_OTHER_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
 
 def _frozen_classes() -> tuple[type, ...]:
@@ -103,7 +106,8 @@ def _leave_reason(module: nn.Module) -> str | None:
         return None
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "not a 2d BatchNorm: the registry's norms normalize (N, C, H, W) inputs"
-    if isinstance(module, nn.modules.batchnorm._NormBase) or "Norm" in type(module).__name__:
+    kind = type(module).__name__
+    if isinstance(module, _OTHER_NORMS) or ("Norm" in kind and not kind.startswith("Conv")):  # not ConvNormAct
         return "not a BatchNorm-family layer"
     return ""
 
@@ -149,6 +153,8 @@ def _with_activation(src: nn.Module, new: nn.Module) -> tuple[nn.Module, str]:
     drop = getattr(src, "drop", None)
     drop = None if drop is None or isinstance(drop, nn.Identity) else drop
     if not _carries_activation(new):
+        if isinstance(act, nn.Identity) and drop is None:
+            return new, ""
         return NormAct2d(new, act, drop), f"followed by the layer's {type(act).__name__}"
     if isinstance(act, nn.Identity):
         new, note = new.without_activation(), "variant without activation (the layer applied none)"
@@ -163,6 +169,14 @@ def _like(new: nn.Module, src: nn.Module) -> nn.Module:
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype)
     return new.train(src.training)
+
+
+def _build_one(recipe: NormRecipe, module: nn.Module, keep_eps: bool, name: str) -> nn.Module:
+    try:
+        return recipe.ctor(_channels(module), **({"eps": float(module.eps)} if keep_eps else {}))
+    except ValueError as err:  # e.g. GroupNorm groups that do not divide this layer's channels
+        raise ValueError(f"convert_norms: {name} ({type(module).__name__}, {_channels(module)} channels) "
+                         f"cannot become {recipe.name}: {err}") from err
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -183,7 +197,7 @@ def convert_norms(model: nn.Module, cfg: Mapping[str, Any] | str | NormRecipe,
     keep_eps = isinstance(cfg, str) or (isinstance(cfg, Mapping) and cfg.get("eps") is None)
     keep_eps = keep_eps and recipe.name in (*STATISTICS_NORMS, "mabn")
     report = ConversionReport(recipe.name)
-    new_norms = {}
+    replacements = []  # every layer is built before the first is replaced: a failure leaves the model as it was
     for name, module in list(model.named_modules()):
         reason = _leave_reason(module)
         if reason is None and not name:
@@ -192,14 +206,18 @@ def convert_norms(model: nn.Module, cfg: Mapping[str, Any] | str | NormRecipe,
             if reason:
                 report.left.append(Left(name, type(module).__name__, reason))
             continue
-        norm = _like(recipe.ctor(_channels(module), **({"eps": float(module.eps)} if keep_eps else {})), module)
+        norm = _like(_build_one(recipe, module, keep_eps, name), module)
         copied = _copy_state(module, norm, recipe.name)
         new, note = _with_activation(module, norm)
-        if isinstance(getattr(module, "weight", None), Tensor) and not isinstance(module.weight, nn.Parameter):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter):
             note = "; ".join(filter(None, [note, "was frozen (buffers): its affine is now trainable"]))
+        replacements.append((name, new))
+        report.converted.append(Converted(name, type(module).__name__, type(new).__name__, copied, note))
+    new_norms = {}
+    for name, new in replacements:
         _replace(model, name, new)
         new_norms[id(new.norm if isinstance(new, NormAct2d) else new)] = name
-        report.converted.append(Converted(name, type(module).__name__, type(new).__name__, copied, note))
     recipe.prepare(model)
     _record_pairs(model, recipe, new_norms, report)
     if any(_carries_activation(m) for m in model.modules()):
