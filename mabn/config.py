@@ -106,7 +106,7 @@ def _check_data(cfg, task: str) -> None:
 
 
 def _check_timm_arch(model_cfg) -> None:
-    """``model=timm`` needs ``model.arch`` to name a timm model (checked in timm's registry, nothing built)."""
+    """``model=timm`` needs ``model.arch`` to name a timm model (looked up in timm's registry, not built)."""
     if OmegaConf.is_missing(model_cfg, "arch") or not isinstance(model_cfg.get("arch"), str):
         raise ConfigError("model=timm needs model.arch=<a timm model name>, e.g. model.arch=resnet18 "
                           "(python -c 'import timm; print(timm.list_models())' lists them)")
@@ -118,8 +118,8 @@ def _check_timm_arch(model_cfg) -> None:
     arch = model_cfg.arch
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5)
-        raise ConfigError(f"unknown timm model model.arch={arch!r}; close names: {', '.join(close) or 'none'} "
-                          f"(timm.list_models() lists all)")
+        raise ConfigError(f"unknown timm model model.arch={arch!r}; close names: "
+                          f"{', '.join(close) or 'none'} (timm.list_models() lists all)")
 
 
 def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:

@@ -1,4 +1,4 @@
-"""convert_norms / revert_norms on torchvision, timm and detectron2 models, and model=timm in train_imagenet.py."""
+"""convert_norms / revert_norms on torchvision, timm and detectron2 models; model=timm in training."""
 
 import copy
 import json
@@ -55,7 +55,8 @@ def _d2_r50_fpn():
 
 
 # builder, BN-family layers it holds, their class name
-MODELS = {"tv_resnet50": (_resnet50, 53, "BatchNorm2d"), "timm_regnetx_002": (_timm_regnet, 44, "BatchNormAct2d"),
+MODELS = {"tv_resnet50": (_resnet50, 53, "BatchNorm2d"),
+          "timm_regnetx_002": (_timm_regnet, 44, "BatchNormAct2d"),
           "d2_r50_fpn": (_d2_r50_fpn, 53, "FrozenBatchNorm2d")}
 
 
@@ -118,7 +119,8 @@ def test_mabn_trains_one_step_then_reverts_to_plain_batchnorm(built):
     loss = sum(o.square().mean() for o in _outputs(model, torch.randn(4, 3, 64, 64, dtype=torch.float64)))
     loss.backward()
     optimizer.step()
-    assert torch.isfinite(loss) and any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert torch.isfinite(loss) and moved
     model.eval()
     with torch.no_grad():
         expected = _outputs(model, X)

@@ -1,7 +1,7 @@
 """Model registry: name -> builder(norm_ctor, num_classes, in_channels, **options); ``build_model`` applies a norm
-recipe whole (its constructor and the conv parametrization it pairs with, e.g. MABN's weight centring). A builder
-registered with ``wants_recipe`` (``timm``: a model built with its own BatchNorms, then converted) gets the
-recipe itself instead of its constructor."""
+recipe whole (its constructor and the conv parametrization it pairs with, e.g. MABN's weight centring). A
+builder registered with ``wants_recipe`` (``timm``: a model built with its own BatchNorms, then converted)
+gets the recipe itself instead of its constructor."""
 
 from __future__ import annotations
 

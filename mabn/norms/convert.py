@@ -107,7 +107,8 @@ def _leave_reason(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "not a 2d BatchNorm: the registry's norms normalize (N, C, H, W) inputs"
     kind = type(module).__name__
-    if isinstance(module, _OTHER_NORMS) or ("Norm" in kind and not kind.startswith("Conv")):  # not ConvNormAct
+    # a class named like a norm counts, except timm's ConvNormAct (a conv followed by a norm)
+    if isinstance(module, _OTHER_NORMS) or ("Norm" in kind and not kind.startswith("Conv")):
         return "not a BatchNorm-family layer"
     return ""
 
@@ -197,7 +198,7 @@ def convert_norms(model: nn.Module, cfg: Mapping[str, Any] | str | NormRecipe,
     keep_eps = isinstance(cfg, str) or (isinstance(cfg, Mapping) and cfg.get("eps") is None)
     keep_eps = keep_eps and recipe.name in (*STATISTICS_NORMS, "mabn")
     report = ConversionReport(recipe.name)
-    replacements = []  # every layer is built before the first is replaced: a failure leaves the model as it was
+    replacements = []  # all built before the first is replaced: a failure leaves the model as it was
     for name, module in list(model.named_modules()):
         reason = _leave_reason(module)
         if reason is None and not name:
