@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,10 +105,29 @@ def _check_data(cfg, task: str) -> None:
         raise ConfigError(str(err)) from err
 
 
+def _check_timm_arch(model_cfg) -> None:
+    """``model=timm`` needs ``model.arch`` to name a timm model (looked up in timm's registry, not built)."""
+    if OmegaConf.is_missing(model_cfg, "arch") or not isinstance(model_cfg.get("arch"), str):
+        raise ConfigError("model=timm needs model.arch=<a timm model name>, e.g. model.arch=resnet18 "
+                          "(python -c 'import timm; print(timm.list_models())' lists them)")
+    try:
+        import timm
+    except ImportError as err:
+        raise ConfigError("model=timm needs timm (pinned in requirements/constraints.txt; scripts/install.sh "
+                          "installs it)") from err
+    arch = model_cfg.arch
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+        raise ConfigError(f"unknown timm model model.arch={arch!r}; close names: "
+                          f"{', '.join(close) or 'none'} (timm.list_models() lists all)")
+
+
 def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
     """train_imagenet.py's checks of names, batches, hyper-parameters and data; returns the batch plan."""
     if cfg.model.name not in registered_models():
         raise ConfigError(f"unknown model {cfg.model.name!r}; registered: {', '.join(registered_models())}")
+    if cfg.model.name == "timm":
+        _check_timm_arch(cfg.model)
     _check_norm_name(cfg)  # before the batch arithmetic: an unknown name explains more than its batch
     plan = plan_batches(cfg, world_size)
     _check_norm_and_optim(cfg, plan, world_size, device_type)

@@ -1,5 +1,7 @@
 """Model registry: name -> builder(norm_ctor, num_classes, in_channels, **options); ``build_model`` applies a norm
-recipe whole (its constructor and the conv parametrization it pairs with, e.g. MABN's weight centring)."""
+recipe whole (its constructor and the conv parametrization it pairs with, e.g. MABN's weight centring). A
+builder registered with ``wants_recipe`` (``timm``: a model built with its own BatchNorms, then converted)
+gets the recipe itself instead of its constructor."""
 
 from __future__ import annotations
 
@@ -8,22 +10,26 @@ from collections.abc import Callable
 import torchvision
 from torch import nn
 
-from mabn.norms import NormRecipe, build_norm
+from mabn.norms import NormRecipe, build_norm, convert_norms
 
 from .activations import apply_norm_activations
 from .cifar_resnet import CifarResNet
 from .variants import apply_xbnblock, keep_norms_until
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_WANTS_RECIPE: set[str] = set()
 
 
-def register_model(name: str):
-    """Decorator registering a model builder under ``name``."""
+def register_model(name: str, *, wants_recipe: bool = False):
+    """Decorator registering a model builder under ``name``; ``wants_recipe``: it takes the NormRecipe (to
+    convert a model it did not build with the constructor) instead of the constructor."""
 
     def deco(fn):
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
         _MODELS[name] = fn
+        if wants_recipe:
+            _WANTS_RECIPE.add(name)
         return fn
 
     return deco
@@ -44,7 +50,8 @@ def build_model(name: str, norm: NormRecipe | str | dict, *, num_classes: int, i
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(registered_models())}")
     recipe = norm if isinstance(norm, NormRecipe) else build_norm(norm)
-    model = _MODELS[name](recipe.ctor, num_classes=num_classes, in_channels=in_channels, **options)
+    norm_arg = recipe if name in _WANTS_RECIPE else recipe.ctor
+    model = _MODELS[name](norm_arg, num_classes=num_classes, in_channels=in_channels, **options)
     keep_norms_until(model, norm_until)
     apply_norm_activations(model)
     return recipe.prepare(model)
@@ -95,3 +102,15 @@ def _xbnblock(base: str):
 
 for _base in ("resnet50", "resnet18", "cifar_resnet20"):
     register_model(f"{_base}_xbn")(_xbnblock(_base))
+
+
+@register_model("timm", wants_recipe=True)
+def _timm_model(recipe: NormRecipe, *, num_classes, in_channels, arch, drop_rate=0.0, drop_path_rate=None):
+    """Any timm model, without pretrained weights, its BatchNorm-family layers (BatchNormAct2d: with their
+    activation) converted to the recipe's norm by ``convert_norms``; timm is imported only here."""
+    import timm
+
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels,
+                              drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+    convert_norms(model, recipe)
+    return model

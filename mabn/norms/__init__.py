@@ -4,6 +4,7 @@ from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
 from .brn import BatchRenorm2d
 from .cbn import CrossIterationBatchNorm2d
 from .centering import CenteredWeight, bake_weight_centering, center_conv_weights, conv_norm_pairs, is_paired
+from .convert import ConversionReport, NormAct2d, convert_norms, revert_norms
 from .evonorm import EvoNormS0
 from .frn import FilterResponseNorm2d
 from .gnws import GroupNormWS, StandardizedWeight
@@ -23,9 +24,10 @@ from .registry import (
 )
 
 __all__ = [
-    "BatchNorm2d", "BatchRenorm2d", "CenteredWeight", "CrossIterationBatchNorm2d", "EvoNormS0",
-    "FilterResponseNorm2d", "FrozenBatchNorm2d", "GroupNorm", "GroupNormWS", "InstanceNorm2d", "LayerNorm2d",
-    "MABN2d", "NormContext", "NormRecipe", "StandardizedWeight", "bake_weight_centering",
-    "batch_dependent_types", "build_norm", "center_conv_weights", "conv_norm_pairs", "foldable_types",
-    "is_paired", "norm_types", "register_norm", "norm_defaults", "registered_norms", "SyncBatchNorm",
+    "BatchNorm2d", "BatchRenorm2d", "CenteredWeight", "ConversionReport", "CrossIterationBatchNorm2d",
+    "EvoNormS0", "FilterResponseNorm2d", "FrozenBatchNorm2d", "GroupNorm", "GroupNormWS", "InstanceNorm2d",
+    "LayerNorm2d", "MABN2d", "NormAct2d", "NormContext", "NormRecipe", "StandardizedWeight",
+    "bake_weight_centering", "batch_dependent_types", "build_norm", "center_conv_weights", "conv_norm_pairs",
+    "convert_norms", "foldable_types", "is_paired", "norm_types", "register_norm", "norm_defaults",
+    "registered_norms", "revert_norms", "SyncBatchNorm",
 ]

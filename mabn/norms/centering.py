@@ -28,11 +28,13 @@ def conv_norm_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, nn.Modu
 
     Structural rule, as torchvision/detectron2/pycls ResNets are written: the norm is the next module after
     the conv in registration order (a child of the conv counts, as in detectron2's ``Conv2d(norm=...)``)
-    and has ``num_features == conv.out_channels``.
+    and has ``num_features == conv.out_channels``. A wrapper whose class sets ``wraps_norm`` (``NormAct2d``:
+    a norm and its activation, where convert_norms replaced a timm BatchNormAct2d) is looked through.
     """
     types = norm_types()
     mods = [(n, m) for n, m in model.named_modules()
-            if ".parametrizations" not in n and not isinstance(m, parametrize.ParametrizationList)]
+            if ".parametrizations" not in n and not isinstance(m, parametrize.ParametrizationList)
+            and not getattr(type(m), "wraps_norm", False)]
     pairs = []
     for (cname, conv), (nname, norm) in itertools.pairwise(mods):
         if (isinstance(conv, nn.Conv2d) and isinstance(norm, types)
