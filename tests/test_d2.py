@@ -30,6 +30,8 @@ from mabn.norms import (  # noqa: E402
 from mabn.norms.centering import is_centered  # noqa: E402
 from mabn.optim import param_groups  # noqa: E402
 
+from .tinydata import AnnotationsAsPredictions  # noqa: E402
+
 pytestmark = pytest.mark.detectron2
 
 SMALL = {"rois_per_image": 16, "proposals_per_image": (50, 20), "anchor_sizes": [8, 16, 32, 64, 128]}
@@ -319,41 +321,14 @@ def test_checkpoint_of_another_norm_is_refused(tmp_path):
     assert isinstance(model.backbone.bottom_up.res4[0].conv1.norm, FrozenBatchNorm2d)
 
 
-class _FromAnnotations(torch.nn.Module):
-    """A 'model' that predicts a dataset's own annotations (all, or every other one), for the evaluator."""
-
-    def __init__(self, dataset_name, keep_every=1):
-        super().__init__()
-        from detectron2.data import DatasetCatalog
-
-        self.records = {r["image_id"]: r for r in DatasetCatalog.get(dataset_name)}
-        self.keep_every = keep_every
-
-    def forward(self, inputs):
-        from detectron2.structures import Boxes, BoxMode, Instances
-        from pycocotools import mask as mask_util
-
-        outputs = []
-        for item in inputs:
-            record = self.records[item["image_id"]]
-            annos = record["annotations"][:: self.keep_every]
-            inst = Instances((record["height"], record["width"]))
-            boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos]
-            inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-            inst.scores = torch.ones(len(annos))
-            inst.pred_classes = torch.tensor([a["category_id"] for a in annos], dtype=torch.int64)
-            masks = [torch.from_numpy(mask_util.decode(a["segmentation"])).bool() for a in annos]
-            inst.pred_masks = torch.stack(masks) if masks else torch.zeros(0, *inst.image_size, dtype=torch.bool)
-            outputs.append({"instances": inst})
-        return outputs
-
-
 def test_coco_evaluation_with_pycocotools(shapes, tmp_path):
     """Predicting the annotations gives AP 100 (box and mask); predicting half of them gives less."""
     mapper = d2data.mapper(is_train=False, min_size=64, max_size=64, image_format="RGB", mask_format="bitmask")
-    perfect = d2data.evaluate_coco(_FromAnnotations(shapes[1]), shapes[1], mapper, str(tmp_path / "a"))
+    perfect = d2data.evaluate_coco(AnnotationsAsPredictions(shapes[1]), shapes[1], mapper,
+                                   str(tmp_path / "a"))
     assert perfect["bbox"]["AP"] == pytest.approx(100.0) and perfect["segm"]["AP"] == pytest.approx(100.0)
-    half = d2data.evaluate_coco(_FromAnnotations(shapes[1], keep_every=2), shapes[1], mapper, str(tmp_path / "b"))
+    half = d2data.evaluate_coco(AnnotationsAsPredictions(shapes[1], keep_every=2), shapes[1], mapper,
+                                str(tmp_path / "b"))
     assert 0 < half["bbox"]["AP"] < 90 and 0 < half["segm"]["AP"] < 90
     assert (tmp_path / "a" / "coco_instances_results.json").exists()
 
