@@ -129,7 +129,7 @@ def test_yacs_config_by_name():
     assert mabn.d2.resolve_norm("") == ("", None)
 
 
-@pytest.mark.parametrize("name", ["mabn", "brn", "gn"])
+@pytest.mark.parametrize("name", ["mabn", "brn", "gn", "frn"])
 def test_yacs_builders_build_the_lazy_config_model(name):
     """The registered yacs builders and build_mask_rcnn give the same network, norms at the same sites."""
     ctx = NormContext(norm_batch=2, device_batch=2)
@@ -373,3 +373,82 @@ def test_shapes_set_is_deterministic_with_exact_disjoint_masks(tmp_path):
         ys, xs = np.nonzero(m)
         assert x["area"] == m.sum() and x["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1,
                                                       ys.max() - ys.min() + 1]
+
+
+_RELUS = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.Tensor.relu, torch.Tensor.relu_}
+
+
+class _ReluAfterNorm(torch.overrides.TorchFunctionMode):
+    """For each norm call, whether the first op its output goes into is a ReLU (a ReLU after the norm)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.pending, self.relu_after = {}, {}
+        norms = [(n, m) for n, m in model.named_modules() if n.endswith(".norm") and m is not None]
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in norms]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            self.pending[id(output)] = (name, output)  # the tensor kept alive: its id stays its own
+        return hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for arg in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(arg, torch.Tensor) and id(arg) in self.pending:
+                name, _ = self.pending.pop(id(arg))
+                self.relu_after.setdefault(name, set()).add(func in _RELUS)
+        return func(*args, **kwargs)
+
+
+def _relu_after_each_norm(model, batch):
+    """{norm module name: whether a ReLU follows it} over one training forward of Mask R-CNN."""
+    model.train()
+    with EventStorage(0), _ReluAfterNorm(model) as trace:
+        model(batch)
+    for handle in trace.handles:
+        handle.remove()
+    assert all(len(v) == 1 for v in trace.relu_after.values())  # every call of a norm alike
+    return {name: seen.pop() for name, seen in trace.relu_after.items()}
+
+
+@pytest.mark.parametrize("name", ["evonorm_s0", "frn"])
+def test_norms_that_carry_their_activation_get_no_second_relu(name, shapes):
+    """One activation per position, where detectron2 puts one with BN: the norm's own (no ReLU after it);
+    where detectron2 puts none (bottleneck conv3, shortcut, FPN), the norm without its activation."""
+    from mabn.models import carries_activation
+
+    ctx = NormContext(norm_batch=2, device_batch=2)
+    mapper = d2data.mapper(is_train=True, min_size=64, max_size=64, image_format="RGB", mask_format="bitmask")
+    batch = next(iter(d2data.train_loader(shapes[0], mapper, images_per_device=2, world_size=1, seed=0,
+                                          start_iter=0, workers=0)))
+    reference = _relu_after_each_norm(build_mask_rcnn(build_norm("bn", ctx), num_classes=4, **SMALL), batch)
+    model = build_mask_rcnn(build_norm(name, ctx), num_classes=4, **SMALL)
+    traced = _relu_after_each_norm(model, batch)
+    assert traced.keys() == reference.keys() == {f"{n}.norm" for n, m in model.named_modules()
+                                                 if getattr(m, "norm", None) is not None}
+    for site, relu in reference.items():
+        norm = model.get_submodule(site)
+        assert (carries_activation(norm), traced[site]) == (relu, False), site
+    acts = {s.split(".")[1] for s, relu in reference.items() if relu}
+    plain = {s.split(".")[1] for s, relu in reference.items() if not relu}
+    assert acts == {"bottom_up", "box_head", "mask_head"} and plain == {"bottom_up", "fpn_lateral2",
+                                                                        "fpn_lateral3", "fpn_lateral4",
+                                                                        "fpn_lateral5", "fpn_output2",
+                                                                        "fpn_output3", "fpn_output4",
+                                                                        "fpn_output5"}
+
+
+@pytest.mark.parametrize("name", ["evonorm_s0", "frn"])
+def test_imagenet_backbone_of_such_a_norm_keeps_its_function(name, tmp_path):
+    """train_imagenet.py's ResNet-50 (one activation per position, mabn.models.activations) loads into the
+    detectron2 backbone key for key and computes the same res5 features."""
+    net, _, path = _imagenet_resnet50(name, tmp_path)
+    det = build_mask_rcnn(build_norm(name, NormContext(norm_batch=2, device_batch=2)), num_classes=4,
+                          weights=str(path), **SMALL)
+    net.eval()
+    det.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tv = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
+        torch.testing.assert_close(det.backbone.bottom_up(x)["res5"], tv, rtol=1e-4, atol=1e-5)
