@@ -9,7 +9,9 @@ point its ``projects/`` use: ``MODEL.BACKBONE.NAME: build_mabn_resnet_fpn_backbo
 ``MODEL.ROI_BOX_HEAD.NAME: build_mabn_box_head``, ``MODEL.ROI_MASK_HEAD.NAME: build_mabn_mask_head``. They
 resolve ``RESNETS.NORM``, ``FPN.NORM``, ``ROI_BOX_HEAD.NORM`` and ``ROI_MASK_HEAD.NORM`` (``MABN``, ``brn``,
 ...; detectron2's own names keep their meaning) under the innermost ``norm_context`` and hand the
-constructors to detectron2's stock classes.
+constructors to detectron2's classes. Both routes build the stem, residual blocks and heads as the
+subclasses of ``mabn.d2.activations``: detectron2's forward, with one activation per position for norms
+that carry their own (EvoNorm-S0, FRN + TLU).
 """
 
 from __future__ import annotations
