@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,10 +100,14 @@ def _check_norm_and_optim(cfg, plan: BatchPlan, world_size: int, device_type: st
 
 
 def _check_data(cfg, task: str) -> None:
+    """The data set's own check; the keys it reads from the files (coco_json: num_classes, mask_format)
+    replace their config values, so every later step and the saved config see them."""
     try:
-        dataset_spec(cfg.data.name, task).check(cfg.data)
+        found = dataset_spec(cfg.data.name, task).check(cfg.data)
     except DataConfigError as err:
         raise ConfigError(str(err)) from err
+    for key, value in (found.items() if isinstance(found, Mapping) else ()):
+        OmegaConf.update(cfg, f"data.{key}", value, force_add=True)
 
 
 def _check_timm_arch(model_cfg) -> None:
@@ -147,7 +152,8 @@ DETECTION_MODELS = ("mask_rcnn_r50_fpn",)
 
 
 def validate_detection(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
-    """train_coco.py's checks: the same norm/batch rules, detection model and data, a consistent schedule."""
+    """train_coco.py's checks: the same norm/batch rules, detection model and data, a consistent schedule.
+    What the data files determine (coco_json: ``data.num_classes``, ``data.mask_format``) is filled in."""
     if cfg.model.name not in DETECTION_MODELS:
         raise ConfigError(f"unknown detection model {cfg.model.name!r}; valid: {', '.join(DETECTION_MODELS)}")
     if cfg.batch_mode != "device":

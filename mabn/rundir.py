@@ -21,7 +21,7 @@ RUN_FILE = "run.json"
 RECORD_FILES = ("metrics.jsonl", "summary.json", "diag_batch_stats.jsonl", "wandb_id.txt")
 # a run's identity: change any of these and it is another run (its checkpoint cannot continue it)
 IDENTITY = ("norm", "batch", "batch_mode", "model", "seed", "data.name", "data.batch_size", "data.num_classes",
-            "data.image_size", "solver")
+            "data.image_size", "data.train_json", "data.val_json", "solver")
 
 
 def _get(cfg: dict, key: str):

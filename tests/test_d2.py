@@ -30,6 +30,8 @@ from mabn.norms import (  # noqa: E402
 from mabn.norms.centering import is_centered  # noqa: E402
 from mabn.optim import param_groups  # noqa: E402
 
+from .tinydata import AnnotationsAsPredictions  # noqa: E402
+
 pytestmark = pytest.mark.detectron2
 
 SMALL = {"rois_per_image": 16, "proposals_per_image": (50, 20), "anchor_sizes": [8, 16, 32, 64, 128]}
@@ -127,7 +129,7 @@ def test_yacs_config_by_name():
     assert mabn.d2.resolve_norm("") == ("", None)
 
 
-@pytest.mark.parametrize("name", ["mabn", "brn", "gn"])
+@pytest.mark.parametrize("name", ["mabn", "brn", "gn", "frn"])
 def test_yacs_builders_build_the_lazy_config_model(name):
     """The registered yacs builders and build_mask_rcnn give the same network, norms at the same sites."""
     ctx = NormContext(norm_batch=2, device_batch=2)
@@ -319,41 +321,14 @@ def test_checkpoint_of_another_norm_is_refused(tmp_path):
     assert isinstance(model.backbone.bottom_up.res4[0].conv1.norm, FrozenBatchNorm2d)
 
 
-class _FromAnnotations(torch.nn.Module):
-    """A 'model' that predicts a dataset's own annotations (all, or every other one), for the evaluator."""
-
-    def __init__(self, dataset_name, keep_every=1):
-        super().__init__()
-        from detectron2.data import DatasetCatalog
-
-        self.records = {r["image_id"]: r for r in DatasetCatalog.get(dataset_name)}
-        self.keep_every = keep_every
-
-    def forward(self, inputs):
-        from detectron2.structures import Boxes, BoxMode, Instances
-        from pycocotools import mask as mask_util
-
-        outputs = []
-        for item in inputs:
-            record = self.records[item["image_id"]]
-            annos = record["annotations"][:: self.keep_every]
-            inst = Instances((record["height"], record["width"]))
-            boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos]
-            inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-            inst.scores = torch.ones(len(annos))
-            inst.pred_classes = torch.tensor([a["category_id"] for a in annos], dtype=torch.int64)
-            masks = [torch.from_numpy(mask_util.decode(a["segmentation"])).bool() for a in annos]
-            inst.pred_masks = torch.stack(masks) if masks else torch.zeros(0, *inst.image_size, dtype=torch.bool)
-            outputs.append({"instances": inst})
-        return outputs
-
-
 def test_coco_evaluation_with_pycocotools(shapes, tmp_path):
     """Predicting the annotations gives AP 100 (box and mask); predicting half of them gives less."""
     mapper = d2data.mapper(is_train=False, min_size=64, max_size=64, image_format="RGB", mask_format="bitmask")
-    perfect = d2data.evaluate_coco(_FromAnnotations(shapes[1]), shapes[1], mapper, str(tmp_path / "a"))
+    perfect = d2data.evaluate_coco(AnnotationsAsPredictions(shapes[1]), shapes[1], mapper,
+                                   str(tmp_path / "a"))
     assert perfect["bbox"]["AP"] == pytest.approx(100.0) and perfect["segm"]["AP"] == pytest.approx(100.0)
-    half = d2data.evaluate_coco(_FromAnnotations(shapes[1], keep_every=2), shapes[1], mapper, str(tmp_path / "b"))
+    half = d2data.evaluate_coco(AnnotationsAsPredictions(shapes[1], keep_every=2), shapes[1], mapper,
+                                str(tmp_path / "b"))
     assert 0 < half["bbox"]["AP"] < 90 and 0 < half["segm"]["AP"] < 90
     assert (tmp_path / "a" / "coco_instances_results.json").exists()
 
@@ -398,3 +373,82 @@ def test_shapes_set_is_deterministic_with_exact_disjoint_masks(tmp_path):
         ys, xs = np.nonzero(m)
         assert x["area"] == m.sum() and x["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1,
                                                       ys.max() - ys.min() + 1]
+
+
+_RELUS = {torch.relu, torch.relu_, torch.nn.functional.relu, torch.Tensor.relu, torch.Tensor.relu_}
+
+
+class _ReluAfterNorm(torch.overrides.TorchFunctionMode):
+    """For each norm call, whether the first op its output goes into is a ReLU (a ReLU after the norm)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.pending, self.relu_after = {}, {}
+        norms = [(n, m) for n, m in model.named_modules() if n.endswith(".norm") and m is not None]
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in norms]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            self.pending[id(output)] = (name, output)  # the tensor kept alive: its id stays its own
+        return hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for arg in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(arg, torch.Tensor) and id(arg) in self.pending:
+                name, _ = self.pending.pop(id(arg))
+                self.relu_after.setdefault(name, set()).add(func in _RELUS)
+        return func(*args, **kwargs)
+
+
+def _relu_after_each_norm(model, batch):
+    """{norm module name: whether a ReLU follows it} over one training forward of Mask R-CNN."""
+    model.train()
+    with EventStorage(0), _ReluAfterNorm(model) as trace:
+        model(batch)
+    for handle in trace.handles:
+        handle.remove()
+    assert all(len(v) == 1 for v in trace.relu_after.values())  # every call of a norm alike
+    return {name: seen.pop() for name, seen in trace.relu_after.items()}
+
+
+@pytest.mark.parametrize("name", ["evonorm_s0", "frn"])
+def test_norms_that_carry_their_activation_get_no_second_relu(name, shapes):
+    """One activation per position, where detectron2 puts one with BN: the norm's own (no ReLU after it);
+    where detectron2 puts none (bottleneck conv3, shortcut, FPN), the norm without its activation."""
+    from mabn.models import carries_activation
+
+    ctx = NormContext(norm_batch=2, device_batch=2)
+    mapper = d2data.mapper(is_train=True, min_size=64, max_size=64, image_format="RGB", mask_format="bitmask")
+    batch = next(iter(d2data.train_loader(shapes[0], mapper, images_per_device=2, world_size=1, seed=0,
+                                          start_iter=0, workers=0)))
+    reference = _relu_after_each_norm(build_mask_rcnn(build_norm("bn", ctx), num_classes=4, **SMALL), batch)
+    model = build_mask_rcnn(build_norm(name, ctx), num_classes=4, **SMALL)
+    traced = _relu_after_each_norm(model, batch)
+    assert traced.keys() == reference.keys() == {f"{n}.norm" for n, m in model.named_modules()
+                                                 if getattr(m, "norm", None) is not None}
+    for site, relu in reference.items():
+        norm = model.get_submodule(site)
+        assert (carries_activation(norm), traced[site]) == (relu, False), site
+    acts = {s.split(".")[1] for s, relu in reference.items() if relu}
+    plain = {s.split(".")[1] for s, relu in reference.items() if not relu}
+    assert acts == {"bottom_up", "box_head", "mask_head"} and plain == {"bottom_up", "fpn_lateral2",
+                                                                        "fpn_lateral3", "fpn_lateral4",
+                                                                        "fpn_lateral5", "fpn_output2",
+                                                                        "fpn_output3", "fpn_output4",
+                                                                        "fpn_output5"}
+
+
+@pytest.mark.parametrize("name", ["evonorm_s0", "frn"])
+def test_imagenet_backbone_of_such_a_norm_keeps_its_function(name, tmp_path):
+    """train_imagenet.py's ResNet-50 (one activation per position, mabn.models.activations) loads into the
+    detectron2 backbone key for key and computes the same res5 features."""
+    net, _, path = _imagenet_resnet50(name, tmp_path)
+    det = build_mask_rcnn(build_norm(name, NormContext(norm_batch=2, device_batch=2)), num_classes=4,
+                          weights=str(path), **SMALL)
+    net.eval()
+    det.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tv = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
+        torch.testing.assert_close(det.backbone.bottom_up(x)["res5"], tv, rtol=1e-4, atol=1e-5)

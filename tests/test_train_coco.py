@@ -82,7 +82,7 @@ def test_nonfinite_loss_exits_3_with_a_diverged_record(tmp_path):
     (["data=coco"], "data.root is not set for data=coco"),
     (["solver.steps=[200000]"], "solver.steps must be increasing iterations inside"),
     (["batch_mode=grouped"], "detection trains with batch_mode=device"),
-    (["norm.name=nope"], "registered norms: bn, brn, cbn"),
+    (["norm.name=nope"], "unknown norm 'nope'; registered norms: bn, brn, cbn, evonorm_s0, frn, frozenbn, gn"),
     (["model.weights=/nonexistent.pt"], "model.weights=/nonexistent.pt is not a file"),
     (["norm=mabn", "norm.window=0"], "norm.window must be a positive integer or null, got 0"),
     (["optim.lr=-1"], "optim.lr must be a positive number"),

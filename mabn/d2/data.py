@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
+    MetadataCatalog,
     build_detection_test_loader,
     get_detection_dataset_dicts,
 )
@@ -37,11 +38,17 @@ class _ResumableSampler(TrainingSampler):
 
 
 def register_coco(name: str, json_file, image_root) -> str:
-    """Register a COCO-format instance dataset with detectron2 under ``name`` (idempotent)."""
+    """Register a COCO-format instance dataset with detectron2 under ``name`` (idempotent; other files under
+    the same name replace the registration, since detectron2's catalogs refuse a second one)."""
     from detectron2.data.datasets import register_coco_instances
 
-    if name not in DatasetCatalog.list():
-        register_coco_instances(name, {}, str(json_file), str(image_root))
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if (meta.get("json_file"), meta.get("image_root")) == (str(json_file), str(image_root)):
+            return name
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, str(json_file), str(image_root))
     return name
 
 

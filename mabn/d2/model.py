@@ -9,7 +9,9 @@ point its ``projects/`` use: ``MODEL.BACKBONE.NAME: build_mabn_resnet_fpn_backbo
 ``MODEL.ROI_BOX_HEAD.NAME: build_mabn_box_head``, ``MODEL.ROI_MASK_HEAD.NAME: build_mabn_mask_head``. They
 resolve ``RESNETS.NORM``, ``FPN.NORM``, ``ROI_BOX_HEAD.NORM`` and ``ROI_MASK_HEAD.NORM`` (``MABN``, ``brn``,
 ...; detectron2's own names keep their meaning) under the innermost ``norm_context`` and hand the
-constructors to detectron2's stock classes.
+constructors to detectron2's classes. Both routes build the stem, residual blocks and heads as the
+subclasses of ``mabn.d2.activations``: detectron2's forward, with one activation per position for norms
+that carry their own (EvoNorm-S0, FRN + TLU).
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ from collections.abc import Sequence
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY, ResNet
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
-from detectron2.modeling.backbone.resnet import BasicStem
-from detectron2.modeling.roi_heads import FastRCNNConvFCHead, MaskRCNNConvUpsampleHead
 from torch import nn
 
 from mabn.norms import NormRecipe, center_conv_weights
 
+from .activations import NormActConvFCHead, NormActMaskHead, NormActStem, block_class, without_activation
 from .checkpoint import load_backbone_weights
 from .norms import freeze_frozen_blocks, resolve_norm
 
@@ -52,16 +53,22 @@ def mask_rcnn_lazy_config(norm, *, num_classes: int, depth: int = 50, freeze_at:
 
     model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
     bottom_up = model.backbone.bottom_up
+    # detectron2's stem, blocks and heads as subclasses that apply one activation per position when the norm
+    # carries its own (mabn.d2.activations); other norms see detectron2's forward
+    bottom_up.stem._target_ = NormActStem
     bottom_up.stem.norm = norm
     bottom_up.stages.norm = norm
     bottom_up.stages.depth = depth
+    bottom_up.stages.block_class = block_class(depth)
     if depth >= 50:
         bottom_up.stages.stride_in_1x1 = stride_in_1x1
     else:  # BasicBlock ResNets have no 1x1 conv to put the stride in
         bottom_up.stages.pop("stride_in_1x1")
     bottom_up.freeze_at = freeze_at
-    model.backbone.norm = norm if norm_fpn else ""
+    model.backbone.norm = without_activation(norm) if norm_fpn else ""  # no activation in the FPN
     heads = model.roi_heads
+    heads.box_head._target_ = NormActConvFCHead
+    heads.mask_head._target_ = NormActMaskHead
     heads.num_classes = num_classes
     heads.box_head.conv_dims = [256] * box_head_convs
     heads.box_head.fc_dims = [1024] * box_head_fcs
@@ -134,8 +141,8 @@ def build_mabn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     res = cfg.MODEL.RESNETS
     norm, recipe = resolve_norm(res.NORM)
     stage_args = {"stride_in_1x1": res.STRIDE_IN_1X1} if res.DEPTH >= 50 else {}  # BasicBlock has no 1x1
-    bottom_up = ResNet(BasicStem(input_shape.channels, res.STEM_OUT_CHANNELS, norm=norm),
-                       ResNet.make_default_stages(res.DEPTH, norm=norm, **stage_args),
+    bottom_up = ResNet(NormActStem(input_shape.channels, res.STEM_OUT_CHANNELS, norm=norm),
+                       ResNet.make_default_stages(res.DEPTH, block_class(res.DEPTH), norm=norm, **stage_args),
                        out_features=res.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
     # centre before freezing, as build_mask_rcnn does: frozen stages keep the centred convs (and so the keys)
     # of an ImageNet MABN backbone
@@ -143,22 +150,22 @@ def build_mabn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     freeze_frozen_blocks(bottom_up)
     fpn_norm, fpn_recipe = resolve_norm(cfg.MODEL.FPN.NORM)
     fpn = FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES,
-              out_channels=cfg.MODEL.FPN.OUT_CHANNELS, norm=fpn_norm, top_block=LastLevelMaxPool(),
-              fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
+              out_channels=cfg.MODEL.FPN.OUT_CHANNELS, norm=without_activation(fpn_norm),
+              top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
     return _centre(fpn, fpn_recipe)
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
-def build_mabn_box_head(cfg, input_shape: ShapeSpec) -> FastRCNNConvFCHead:
+def build_mabn_box_head(cfg, input_shape: ShapeSpec) -> NormActConvFCHead:
     """detectron2's conv-fc box head with ``ROI_BOX_HEAD.NORM`` resolved to the project's layer."""
-    args = FastRCNNConvFCHead.from_config(cfg, input_shape)
+    args = NormActConvFCHead.from_config(cfg, input_shape)
     args["conv_norm"], recipe = resolve_norm(args["conv_norm"])
-    return _centre(FastRCNNConvFCHead(**args), recipe)
+    return _centre(NormActConvFCHead(**args), recipe)
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-def build_mabn_mask_head(cfg, input_shape: ShapeSpec) -> MaskRCNNConvUpsampleHead:
+def build_mabn_mask_head(cfg, input_shape: ShapeSpec) -> NormActMaskHead:
     """detectron2's conv-upsample mask head with ``ROI_MASK_HEAD.NORM`` resolved to the project's layer."""
-    args = MaskRCNNConvUpsampleHead.from_config(cfg, input_shape)
+    args = NormActMaskHead.from_config(cfg, input_shape)
     args["conv_norm"], recipe = resolve_norm(args["conv_norm"])
-    return _centre(MaskRCNNConvUpsampleHead(**args), recipe)
+    return _centre(NormActMaskHead(**args), recipe)

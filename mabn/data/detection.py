@@ -184,7 +184,11 @@ def make_shapes(root: str | Path, spec: ShapesSpec = ShapesSpec()) -> dict[str, 
     return _shapes_paths(root)
 
 
-@register_dataset("coco", task="detection", check=lambda d: check_coco_root(d["root"]))
+def _check_coco(data_cfg) -> None:
+    check_coco_root(data_cfg["root"])
+
+
+@register_dataset("coco", task="detection", check=_check_coco)
 def _coco(data_cfg) -> dict[str, tuple[Path, Path]]:
     return check_coco_root(data_cfg["root"])
 

@@ -14,7 +14,9 @@ class DataConfigError(ValueError):
 @dataclass(frozen=True)
 class DatasetSpec:
     """How the entry scripts treat one ``data=<name>``: ``check(data_cfg)`` raises DataConfigError in the first
-    second; ``build(data_cfg, seed)`` returns the datasets (classification: train with augmentation, val)."""
+    second; a mapping it returns holds data keys read from the files (``{"num_classes": 5}``), which the
+    validated config then takes; ``build(data_cfg, seed)`` returns the datasets (classification: train with
+    augmentation, val; detection: the splits' ``(json, image folder)``)."""
 
     name: str
     task: str                                   # classification (train_imagenet.py) | detection (train_coco.py)
