@@ -26,7 +26,7 @@ from .engine import StepContext, finite_probe, state_tensors, train_step
 
 
 def check_capturable(optimizer: torch.optim.Optimizer) -> None:
-    """ValueError unless every param group is fused with a tensor lr (``build_optimizer(capturable=True)``)."""
+    """ValueError unless every param group is fused with a tensor lr (build_optimizer(capturable=True))."""
     for i, group in enumerate(optimizer.param_groups):
         if not group.get("fused") or not isinstance(group["lr"], torch.Tensor):
             raise ValueError(f"CUDA graphs need the optimizer built with mabn.optim.build_optimizer(..., "
