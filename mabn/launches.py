@@ -14,7 +14,6 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # aten ops that allocate, alias or read metadata: no kernel
