@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo coco-demo selfcheck test lint bench clean-venv
+.PHONY: install demo coco-demo selfcheck test lint bench gpu-wheels gpu-check clean-venv
 
 install:            ## create .venv and install everything (idempotent; see scripts/install.sh)
 	bash scripts/install.sh
@@ -24,6 +24,12 @@ bench: install      ## layer, model and inference benchmarks on this machine -> 
 	$(PY) scripts/bench_model.py $(BENCH_MODEL_ARGS)
 	$(PY) scripts/bench_inference.py $(BENCH_INFERENCE_ARGS)
 	$(PY) scripts/make_performance.py
+
+gpu-wheels:         ## here, with the package index: the wheels a bare CUDA machine needs for gpu-check -> .whl/
+	bash scripts/gpu_wheels.sh
+
+gpu-check:          ## on a CUDA machine (no install, no network; .whl/ carried): GPU tests + benchmarks, ~8 min
+	bash scripts/gpu_check.sh
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -26,6 +26,7 @@ from mabn.data.loaders import build_datasets, build_loaders, iters_per_epoch, sk
 from mabn.diagnostics import BatchStatsTracer
 from mabn.engine import StepContext
 from mabn.entry import RunFacts, amp_dtype, config_failure, finish, precise_bn_seed, run_job
+from mabn.graphs import GraphedStep
 from mabn.loop import Outcome, Parts, Settings, TrainLoop
 from mabn.models import build_model
 from mabn.norms import build_norm
@@ -134,7 +135,8 @@ def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo):
     channels_last = device.type == "cuda" if cfg.train.channels_last == "auto" else bool(cfg.train.channels_last)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     lr = linear_scaled_lr(cfg.optim, plan.sgd_batch)
-    optimizer = build_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True), lr)
+    graphs = bool(cfg.train.cuda_graphs)
+    optimizer = build_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True), lr, capturable=graphs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(OmegaConf.to_container(cfg.schedule, resolve=True), ipe, cfg.epochs * ipe))
     net = model
@@ -146,9 +148,11 @@ def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo):
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     tracer = BatchStatsTracer(model, Path(cfg.run.dir) / "diag_batch_stats.jsonl", enabled=info.is_main) \
         if cfg.diag.batch_stats else None  # off: not a single hook is registered
-    parts = Parts(model, net, optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
-                  StepContext(device, dtype, channels_last, scaler), train_loader, val_loader, sampler,
-                  precise_loader, tracer)
+    criterion, ctx = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), StepContext(
+        device, dtype, channels_last, scaler)
+    step = GraphedStep(net, optimizer, criterion, ctx) if graphs else None  # validated: one GPU, no compile
+    parts = Parts(model, net, optimizer, scheduler, criterion, ctx, train_loader, val_loader, sampler,
+                  precise_loader, tracer, step)
     settings = Settings(cfg.epochs, ipe, cfg.train.log_every, cfg.train.ckpt_every_iters,
                         cfg.train.stop_after_iters, cfg.train.eval_max_batches, cfg.train.precise_bn_batches,
                         cfg.diag.every)

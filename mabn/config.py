@@ -99,6 +99,30 @@ def _check_norm_and_optim(cfg, plan: BatchPlan, world_size: int, device_type: st
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
 
 
+def _check_cuda_graphs(cfg, world_size: int, device_type: str) -> None:
+    """train.cuda_graphs (mabn/graphs.py): one CUDA process, bf16 or no autocast, an eager model, no hooks."""
+    graphs = cfg.train.get("cuda_graphs", False)  # absent from configs saved before the key existed
+    if not isinstance(graphs, bool):
+        raise ConfigError(f"train.cuda_graphs must be true or false, got {graphs!r}")
+    if not graphs:
+        return
+    if device_type != "cuda":
+        raise ConfigError(f"train.cuda_graphs=true needs a CUDA device, but this process runs on "
+                          f"{device_type}; set train.cuda_graphs=false (or run on a GPU machine)")
+    if cfg.train.amp == "fp16":
+        raise ConfigError("train.cuda_graphs=true with train.amp=fp16: the GradScaler is not captured; use "
+                          "train.amp=bf16 (no loss scaling) or off")
+    if cfg.train.compile:
+        raise ConfigError("train.cuda_graphs=true with train.compile=true: choose one (torch.compile's "
+                          "mode=reduce-overhead makes its own CUDA graphs)")
+    if world_size > 1:
+        raise ConfigError(f"train.cuda_graphs=true runs one process (DDP's all-reduce inside a captured step "
+                          f"is not verified here), got world size {world_size}")
+    if cfg.diag.batch_stats:
+        raise ConfigError("train.cuda_graphs=true with diag.batch_stats=true: the tracer's Python hooks "
+                          "would not run on a replay; set one of them false")
+
+
 def _check_data(cfg, task: str) -> None:
     """The data set's own check; the keys it reads from the files (coco_json: num_classes, mask_format)
     replace their config values, so every later step and the saved config see them."""
@@ -136,6 +160,7 @@ def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
     _check_norm_name(cfg)  # before the batch arithmetic: an unknown name explains more than its batch
     plan = plan_batches(cfg, world_size)
     _check_norm_and_optim(cfg, plan, world_size, device_type)
+    _check_cuda_graphs(cfg, world_size, device_type)
     _positive_int(cfg.epochs, "epochs")
     for key in ("ckpt_every_iters", "log_every", "keep_last"):
         _positive_int(cfg.train[key], f"train.{key}")

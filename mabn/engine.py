@@ -29,18 +29,26 @@ def state_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [t.detach() for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
 
 
-def check_finite(loss: torch.Tensor, tensors: list[torch.Tensor], iteration: int) -> float:
-    """The step's loss as a float, after one host sync that also checks every weight and buffer: a finite
-    loss can still come with an update that made the weights non-finite (a huge lr), and such a step must
-    never reach a checkpoint or an evaluation."""
-    loss_value, weights = torch.stack([loss.detach().double(), _max_abs(tensors).double()]).tolist()
+def finite_probe(loss: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(loss, max |weight or buffer|) as one float64 tensor on the device: what ``read_probe`` reads."""
+    return torch.stack([loss.detach().double(), _max_abs(tensors).double()])
+
+
+def read_probe(probe: torch.Tensor, lr: float | torch.Tensor, iteration: int) -> tuple[float, float]:
+    """The step's loss and ``lr`` as floats after ONE host sync, which also checks every weight and buffer: a
+    finite loss can still come with an update that made the weights non-finite (a huge lr), and such a step
+    must never reach a checkpoint or an evaluation. ``lr`` may be a device tensor (CUDA graphs)."""
+    values = probe
+    if isinstance(lr, torch.Tensor):  # read in the same sync
+        values = torch.cat([probe, lr.detach().reshape(1).to(probe)])
+    loss_value, weights, *rest = values.tolist()
     if not math.isfinite(loss_value):
         raise NonFiniteError(f"non-finite loss {loss_value} at iteration {iteration}; stopping (the last good "
                              f"checkpoint is kept)")
     if not math.isfinite(weights):
         raise NonFiniteError(f"non-finite weights after the optimizer step at iteration {iteration} (loss "
                              f"{loss_value:.4g}); stopping (the last good checkpoint is kept)")
-    return loss_value
+    return loss_value, rest[0] if rest else float(lr)
 
 
 @dataclass
@@ -53,10 +61,10 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None
 
 
-def _autocast(ctx: StepContext):
+def _autocast(ctx: StepContext, cache: bool = True):
     if ctx.amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(ctx.device.type, dtype=ctx.amp_dtype)
+    return torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, cache_enabled=cache)
 
 
 def _to_device(images, targets, ctx: StepContext):
@@ -66,49 +74,70 @@ def _to_device(images, targets, ctx: StepContext):
     return images, targets.to(ctx.device, non_blocking=True)
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, ctx: StepContext,
+               images: torch.Tensor, targets: torch.Tensor, *, autocast_cache: bool = True) -> torch.Tensor:
+    """Forward, loss, backward and optimizer step (through the GradScaler under fp16); returns the loss
+    tensor, never synchronising (``mabn.graphs`` captures exactly this)."""
+    with _autocast(ctx, autocast_cache):
+        loss = criterion(model(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    if ctx.scaler is not None:
+        ctx.scaler.scale(loss).backward()
+        ctx.scaler.step(optimizer)
+        ctx.scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
+def eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, ctx: StepContext
+               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The default step of ``train_one_epoch``: ``train_step`` then its ``finite_probe``."""
+    tensors = state_tensors(model)
+
+    def step(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return finite_probe(train_step(model, optimizer, criterion, ctx, images, targets), tensors)
+
+    return step
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler,
                     criterion: nn.Module, ctx: StepContext, *, first_iter: int, num_iters: int,
-                    on_step: Callable[[int, dict], bool] | None = None) -> dict:
+                    on_step: Callable[[int, dict], bool] | None = None,
+                    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Train over ``loader`` from global iteration ``first_iter`` for at most ``num_iters`` iterations.
 
-    ``on_step(global_iter, metrics)`` is called after every step with the step's loss, lr and img/s; it
-    returns True to stop early (preemption, a requested stop). Returns the epoch's mean loss, img/s,
-    the iterations done and whether it stopped early.
+    ``step(images, targets)`` runs one training step and returns its ``finite_probe`` (default:
+    ``eager_step``; ``mabn.graphs.GraphedStep`` replays a CUDA graph). ``on_step(global_iter, metrics)`` is
+    called after every step with the step's loss, lr and img/s; it returns True to stop early (preemption, a
+    requested stop). Returns the epoch's mean loss, img/s, the iterations done and whether it stopped early.
     """
     model.train()
-    loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    step = step or eager_step(model, optimizer, criterion, ctx)
+    loss_sum = 0.0
     seen, done, stopped = 0, 0, False
-    tensors = state_tensors(model)
     start = tick = time.perf_counter()
     for images, targets in loader:
         if done >= num_iters:
             break
         images, targets = _to_device(images, targets, ctx)
-        with _autocast(ctx):
-            loss = criterion(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if ctx.scaler is not None:
-            ctx.scaler.scale(loss).backward()
-            ctx.scaler.step(optimizer)
-            ctx.scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        probe = step(images, targets)
         scheduler.step()
         it = first_iter + done
-        loss_value = check_finite(loss, tensors, it + 1)  # one sync per step: stop at the step that broke
+        # one sync per step: stop at the step that broke
+        loss_value, lr = read_probe(probe, optimizer.param_groups[0]["lr"], it + 1)
         loss_sum += loss_value
         seen += images.shape[0]
         done += 1
         now = time.perf_counter()
-        metrics = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                   "img_per_s": images.shape[0] / max(now - tick, 1e-9)}
+        metrics = {"loss": loss_value, "lr": lr, "img_per_s": images.shape[0] / max(now - tick, 1e-9)}
         tick = now
         if on_step is not None and on_step(it + 1, metrics):
             stopped = True
             break
     elapsed = time.perf_counter() - start
-    return {"loss": float(loss_sum) / max(done, 1), "img_per_s": seen / max(elapsed, 1e-9), "iters": done,
+    return {"loss": loss_sum / max(done, 1), "img_per_s": seen / max(elapsed, 1e-9), "iters": done,
             "stopped": stopped}
 
 

@@ -55,6 +55,7 @@ class Parts:
     sampler: object
     precise_loader: object | None = None
     tracer: object | None = None
+    step: object | None = None  # the training step (engine.eager_step by default; mabn.graphs.GraphedStep)
 
 
 @dataclass
@@ -152,7 +153,8 @@ class TrainLoop:
             self._arm_tracer(self.state["iter"] + 1)
         stats = train_one_epoch(self.p.net, self.p.train_loader, self.p.optimizer, self.p.scheduler,
                                 self.p.criterion, self.p.ctx, first_iter=self.state["iter"],
-                                num_iters=self.s.iters_per_epoch - done, on_step=self._on_step)
+                                num_iters=self.s.iters_per_epoch - done, on_step=self._on_step,
+                                step=self.p.step)
         return stats["stopped"]
 
     def _arm_tracer(self, it: int) -> None:

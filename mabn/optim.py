@@ -79,8 +79,17 @@ def lr_lambda(schedule: dict, iters_per_epoch: int, total_iters: int):
     return fn
 
 
-def build_optimizer(model: nn.Module, optim_cfg: dict, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optim_cfg: dict, lr: float, *, capturable: bool = False
+                    ) -> torch.optim.Optimizer:
+    """SGD over ``param_groups``; ``capturable``: fused SGD, each group's lr a float32 tensor on the model's
+    device that the scheduler fills in place and a CUDA graph reads at every replay (``mabn.graphs``)."""
     if optim_cfg["name"] != "sgd":
         raise ValueError(f"unknown optimizer {optim_cfg['name']!r}; valid: sgd")
     groups = param_groups(model, optim_cfg["weight_decay"], optim_cfg["norm_weight_decay"])
-    return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg["momentum"], nesterov=optim_cfg["nesterov"])
+    if not capturable:
+        return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg["momentum"], nesterov=optim_cfg["nesterov"])
+    device = next(model.parameters()).device
+    for group in groups:  # one tensor per group: the scheduler fills each group's own
+        group["lr"] = torch.tensor(float(lr), device=device, dtype=torch.float32)
+    return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg["momentum"], nesterov=optim_cfg["nesterov"],
+                           fused=True)

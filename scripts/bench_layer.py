@@ -8,7 +8,10 @@ ratio is to ``torch.nn.BatchNorm2d`` at the same shape. ``naive-mabn`` is the ba
 beat: the sequential MABN equations written straightforwardly, one normalization batch at a time, eager ops,
 Python-int counters (as the official layer is written); with n < batch it is called on each group in turn
 (forward then backward), which is what the grouped contract says one grouped call equals. Memory is what
-autograd keeps for backward (every device) and, on CUDA, the peak allocated during the step.
+autograd keeps for backward (every device) and, on CUDA, the peak allocated during the step. Launches are
+the kernel-launching aten ops one forward and one backward dispatch (``mabn.launches``: a TorchDispatchMode,
+plus the Triton launches the fused path reports through ``note_launch``), summed over the groups for the
+naive baseline; the target is at most 4 + 4 per layer for mabn, brn and grouped bn.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from mabn.benchmark import (
     saved_for_backward_mb,
     time_ms,
 )
+from mabn.launches import LaunchCounter
 from mabn.norms import build_norm
 from mabn.norms.registry import NormContext
 
@@ -138,6 +142,22 @@ def _train_step(layer: nn.Module, x: Tensor, dy: Tensor, n: int, naive: bool, de
     return step
 
 
+def launches(layer: nn.Module, x: Tensor, dy: Tensor, n: int, naive: bool, device, dtype) -> tuple[int, int]:
+    """Kernel launches of one forward and one backward (the naive baseline: summed over its groups)."""
+    forward = backward = 0
+    step = n if naive else x.shape[0]
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    for start in range(0, x.shape[0], step):
+        xs = x[start:start + step].detach().requires_grad_(True)
+        with LaunchCounter() as counted, amp:
+            y = layer(xs)
+        forward += counted.count
+        with LaunchCounter() as counted:
+            y.backward(dy[start:start + step])
+        backward += counted.count
+    return forward, backward
+
+
 def _past_schedules(layer: nn.Module) -> None:
     """Time the steady state: every warm-up and ramp of brn/mabn is over (the common case of a long run)."""
     for attr in ("warmup_iters", "renorm_iters", "r_max_iters", "d_max_iters"):
@@ -172,15 +192,17 @@ def run(args) -> list[dict]:
             step = _train_step(layer, x, dy, n, naive, device, dtype)
             t = time_ms(step, device, repeats=args.repeats, warmup=args.warmup)
             forward = None if naive else functools.partial(layer, x)
+            fwd, bwd = launches(layer, x, dy, n, naive, device, dtype)
             row = {"shape": f"{channels}x{size}x{size}", "norm": label, "n": n, "ms": t["median_ms"],
                    "saved_mb": saved_for_backward_mb(forward) if forward else None,
-                   "cuda_peak_mb": cuda_peak_mb(step, device)}
+                   "cuda_peak_mb": cuda_peak_mb(step, device), "launches_fwd": fwd, "launches_bwd": bwd}
             base = base or row["ms"]
             row["ratio"] = row["ms"] / base
             rows.append(row)
             total = totals.setdefault((label, n), {"shape": f"{args.shapes} (all {layers})", "norm": label,
-                                                   "n": n, "ms": 0.0})
-            total["ms"] += count * row["ms"]
+                                                   "n": n, "ms": 0.0, "launches_fwd": 0, "launches_bwd": 0})
+            for key in ("ms", "launches_fwd", "launches_bwd"):
+                total[key] += count * row[key]
     base_total = totals[("torch-bn", args.batch)]["ms"]
     for total in totals.values():
         total["ratio"] = total["ms"] / base_total
@@ -197,7 +219,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     return run_and_record(p, args, "layer", run,
                           settings=["batch", "norm_batch", "window", "shapes", "repeats", "warmup"],
-                          columns=["shape", "norm", "n", "ms", "ratio", "saved_mb", "cuda_peak_mb"])
+                          columns=["shape", "norm", "n", "ms", "ratio", "saved_mb", "cuda_peak_mb",
+                                   "launches_fwd", "launches_bwd"])
 
 
 if __name__ == "__main__":

@@ -7,11 +7,15 @@ One training step is forward, cross-entropy, backward and an SGD step (momentum,
 autocast with channels_last on CUDA and float32 on CPU. For each device batch B and normalization batch n
 (grouped: B/n groups of n in one call) every norm is timed; the ratio is to bn at the same B and n. The
 true-small-batch rows run device batch n itself (eager), the mode grouping replaces; ``speedup`` on the
-grouped rows is their img/s over that true-small-batch row of the same norm.
+grouped rows is their img/s over that true-small-batch row of the same norm. On CUDA each true-small-batch
+row also runs with the whole step captured as one CUDA graph (``mabn.graphs.GraphedStep``, fused SGD);
+``graph_speedup`` is its img/s over the eager row. ``launches`` counts the kernel-launching aten ops of one
+eager step (``mabn.launches``; a graphed step launches its graph and the two input copies).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -28,6 +32,9 @@ from mabn.benchmark import (
     saved_for_backward_mb,
     time_ms,
 )
+from mabn.engine import StepContext
+from mabn.graphs import GraphedStep
+from mabn.launches import count_launches
 from mabn.models import build_model
 from mabn.norms import NormContext, build_norm
 from mabn.optim import build_optimizer
@@ -35,7 +42,8 @@ from mabn.optim import build_optimizer
 NORMS = ("bn", "gn", "brn", "mabn")
 
 
-def build(norm: str, n: int, batch: int, model_name: str, device, channels_last: bool):
+def build(norm: str, n: int, batch: int, model_name: str, device, channels_last: bool,
+          capturable: bool = False):
     recipe = build_norm(norm, NormContext(norm_batch=n, device_batch=batch, total_iters=1))
     model = build_model(model_name, recipe, num_classes=1000, in_channels=3)  # with MABN's weight centring
     for m in model.modules():  # the steady state of a long run: warm-ups and ramps are over
@@ -46,12 +54,13 @@ def build(norm: str, n: int, batch: int, model_name: str, device, channels_last:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4,
-                                  "norm_weight_decay": 0.0, "nesterov": False}, 0.01)
+                                  "norm_weight_decay": 0.0, "nesterov": False}, 0.01, capturable=capturable)
     return model, opt
 
 
-def measure(args, norm: str, n: int, batch: int, device, dtype, channels_last: bool) -> dict:
-    model, opt = build(norm, n, batch, args.model, device, channels_last)
+def measure(args, norm: str, n: int, batch: int, device, dtype, channels_last: bool, graphed: bool = False
+            ) -> dict:
+    model, opt = build(norm, n, batch, args.model, device, channels_last, capturable=graphed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), device=device)
@@ -68,10 +77,15 @@ def measure(args, norm: str, n: int, batch: int, device, dtype, channels_last: b
         loss.backward()
         opt.step()
 
-    t = time_ms(step, device, repeats=args.repeats, warmup=args.warmup)
+    warmup = args.warmup
+    if graphed:  # GraphedStep's eager warm-up steps and its capture happen before the timed repeats
+        ctx = StepContext(device, dtype if amp else None, channels_last)
+        step, warmup = functools.partial(GraphedStep(model, opt, loss_fn, ctx), x, y), max(args.warmup, 5)
+    t = time_ms(step, device, repeats=args.repeats, warmup=warmup)
     return {"norm": norm, "batch": batch, "n": n, "mode": "grouped" if n < batch else "whole batch",
             "ms": t["median_ms"], "img_s": batch / t["median_ms"] * 1e3,
-            "saved_mb": saved_for_backward_mb(forward), "cuda_peak_mb": cuda_peak_mb(step, device)}
+            "saved_mb": saved_for_backward_mb(forward), "cuda_peak_mb": cuda_peak_mb(step, device),
+            "launches": count_launches(step) + (1 if graphed else 0)}
 
 
 def run(args) -> list[dict]:
@@ -101,6 +115,11 @@ def run(args) -> list[dict]:
             row["mode"] = "true small batch"
             small[(norm, n)] = row
             rows.append(row)
+            if device.type == "cuda" and args.graphs:
+                graphed = measure(args, norm, n, n, device, dtype, channels_last, graphed=True)
+                graphed["mode"] = "true small batch, CUDA graph"
+                graphed["graph_speedup"] = row["ms"] / graphed["ms"]
+                rows.append(graphed)
     for row in rows:
         ref = small.get((row["norm"], row["n"]))
         if ref is not None and row["mode"] == "grouped":
@@ -115,15 +134,19 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int_list, default=[32, 64], help="device batches, e.g. 32,64")
     p.add_argument("--norm-batches", type=int_list, default=[2, 32], help="normalization batches, e.g. 2,32")
     p.add_argument("--small-norms", default="bn,mabn", help="norms timed at true device batch n")
+    p.add_argument("--graphs", default="true", choices=["true", "false"],
+                   help="on CUDA, also time the true-small-batch rows as one captured CUDA graph per step")
     args = p.parse_args(argv)
     args.small_norms = [s for s in args.small_norms.split(",") if s]
+    args.graphs = args.graphs == "true"
     unknown = sorted(set(args.small_norms) - set(NORMS))
     if unknown:
         p.error(f"--small-norms: unknown {unknown}; choose from {list(NORMS)}")
     return run_and_record(p, args, "model", run,
-                          settings=["model", "image_size", "batches", "norm_batches", "repeats", "warmup"],
+                          settings=["model", "image_size", "batches", "norm_batches", "repeats", "warmup",
+                                    "graphs"],
                           columns=["norm", "batch", "n", "mode", "ms", "img_s", "ratio", "speedup",
-                                   "saved_mb", "cuda_peak_mb"])
+                                   "graph_speedup", "launches", "saved_mb", "cuda_peak_mb"])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ measure them, and a target whose record is missing or ran on the wrong device sa
 - a ResNet-50 training step with mabn (and brn) at most 1.10x bn's time at the same device batch (GPU);
 - grouped normalization batch n at device batch B at least 10x the img/s of a true device batch n (GPU);
 - mabn's peak training memory at most 1.10x bn's (GPU; on CPU the memory saved for backward is shown);
-- a true device batch of 2 under CUDA graphs at least 2x eager (GPU; not built yet);
+- a true device batch of 2 under CUDA graphs at least 2x eager (GPU: bench_model's CUDA-graph rows);
+- at most 4 kernel launches forward and 4 backward per layer for mabn, brn and grouped bn (GPU, the fused
+  path; a record from before launches were counted says "not measured");
 - the mabn layer at least 3x faster than the eager sequential baseline (GPU); on CPU its forward+backward
   at most 2x nn.BatchNorm2d's;
 - folded mabn inference within 2% of folded bn (GPU); gn's inference ratio reported (it cannot fold).
@@ -30,9 +32,11 @@ COMMANDS = {
 }
 COLUMNS = {
     "layer": [("shape", "shape"), ("norm", "norm"), ("n", "n"), ("ms", "fwd+bwd ms"), ("ratio", "x torch-bn"),
-              ("saved_mb", "saved for bwd MiB"), ("cuda_peak_mb", "CUDA peak MiB")],
+              ("saved_mb", "saved for bwd MiB"), ("cuda_peak_mb", "CUDA peak MiB"),
+              ("launches_fwd", "fwd launches"), ("launches_bwd", "bwd launches")],
     "model": [("norm", "norm"), ("batch", "device batch"), ("n", "n"), ("mode", "mode"), ("ms", "step ms"),
               ("img_s", "img/s"), ("ratio", "x bn time"), ("speedup", "img/s x true small batch"),
+              ("graph_speedup", "img/s x eager (graph)"), ("launches", "launches/step"),
               ("saved_mb", "saved for bwd MiB"), ("cuda_peak_mb", "CUDA peak MiB")],
     "inference": [("norm", "norm"), ("folded", "folded"), ("batch", "batch"), ("ms", "ms"),
                   ("img_s", "img/s"), ("ratio", "img/s x folded bn")],
@@ -62,9 +66,21 @@ def _fmt(v) -> str:
     return str(v)
 
 
+# absent from the records made before launches were counted
+LAUNCH_KEYS = ("launches_fwd", "launches_bwd", "launches")
+NOT_MEASURED = "not measured"
+
+
+def _cell(row: dict, key: str) -> str:
+    """A table cell; a launch count the record never measured says so (blank: not applicable to the row)."""
+    if key in LAUNCH_KEYS and key not in row:
+        return NOT_MEASURED
+    return _fmt(row.get(key))
+
+
 def _table(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r, k) for k, _ in columns) + " |" for r in rows]
     return lines
 
 
@@ -93,11 +109,9 @@ def targets(records: dict[str, dict]) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for each target of the module docstring that the records can speak to."""
     layer, model, inference = (records.get(k) for k in BENCHMARKS)
     out = _model_targets(model) if model else []
-    out.append(("true device batch 2 with CUDA graphs >= 2x eager",
-                "not built: whole-step CUDA graph capture needs a GPU to build and verify against eager",
-                "open"))
+    out += _graph_targets(model)
     if layer:
-        out += _layer_targets(layer)
+        out += _layer_targets(layer) + _launch_targets(layer)
     if inference:
         out += _inference_targets(inference)
     return out
@@ -135,6 +149,40 @@ def _model_targets(model: dict) -> list[tuple[str, str, str]]:
         out.append(("mabn peak training memory <= 1.10x bn",
                     f"{what}: worst {worst[0]:.3f}x (device batch {worst[1]['batch']}, "
                     f"n={worst[1]['n']}); {_where(model)}", _gpu_verdict(model, worst[0] <= 1.10)))
+    return out
+
+
+def _graph_targets(model: dict | None) -> list[tuple[str, str, str]]:
+    """A true device batch of 2 with the whole step as one CUDA graph (train.cuda_graphs) against eager."""
+    target = "true device batch 2 with CUDA graphs >= 2x eager"
+    rows = [r for r in (model or {}).get("rows", []) if r.get("graph_speedup") is not None and r["n"] == 2]
+    if model is None:
+        return [(target, f"no record: run `{COMMANDS['model']}`", "open")]
+    if not rows and not _on_cuda(model):
+        return [(target, f"{NOT_MEASURED}: CUDA graphs need a GPU (bench_model.py times them on CUDA only)",
+                 _gpu_verdict(model, False))]
+    if not rows:
+        return [(target, f"{NOT_MEASURED}: this record predates the CUDA-graph rows", "open")]
+    return [(f"{target} ({r['norm']})", f"{r['graph_speedup']:.2f}x ({r['ms']:.2f} ms per graphed step); "
+             f"{_where(model)}", _gpu_verdict(model, r["graph_speedup"] >= 2)) for r in rows]
+
+
+def _launch_targets(layer: dict) -> list[tuple[str, str, str]]:
+    """At most 4 launches forward and 4 backward per layer (mabn, brn, grouped bn), judged per shape."""
+    target = "<= 4 kernel launches forward + <= 4 backward per layer (mabn, brn, grouped bn)"
+    shapes = [r for r in layer["rows"] if not r["shape"].endswith(")") and r["norm"] in ("mabn", "brn", "bn")]
+    shapes = [r for r in shapes if r["norm"] != "bn" or r["n"] < layer["settings"]["batch"]]
+    if not any("launches_fwd" in r for r in shapes):
+        return [(target, f"{NOT_MEASURED}: this record predates launch counting; rerun "
+                         f"`{COMMANDS['layer']}`", "open")]
+    out = []
+    for norm in ("mabn", "brn", "bn"):
+        mine = [r for r in shapes if r["norm"] == norm]
+        if mine:
+            fwd, bwd = max(r["launches_fwd"] for r in mine), max(r["launches_bwd"] for r in mine)
+            what = "grouped bn" if norm == "bn" else norm
+            out.append((f"{target}: {what}", f"worst shape {fwd} forward + {bwd} backward; {_where(layer)}",
+                        _gpu_verdict(layer, fwd <= 4 and bwd <= 4)))
     return out
 
 
