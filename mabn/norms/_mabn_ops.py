@@ -183,7 +183,8 @@ def _(x, ring_x2, running_var, num_batches_tracked, groups, window, warmup_iters
 def update_ring_gz_op(ring_gz: Tensor, psi: Tensor, t0: Tensor, use_sma: Tensor, window: int,
                       backward_avg: bool = True, ema: bool = False) -> Tensor:
     """``push_psi`` as an op: the backward's write to ring_gz (or the EMA), declared."""
-    return push_psi(ring_gz, psi, t0, use_sma, window, backward_avg, ema)
+    psi_bar = push_psi(ring_gz, psi, t0, use_sma, window, backward_avg, ema)
+    return psi_bar if backward_avg else psi_bar.clone()  # an op's output may not be its input (Ψ̄ = Ψ_t)
 
 
 @update_ring_gz_op.register_fake
