@@ -18,6 +18,7 @@ from .registry import (
     foldable_types,
     norm_defaults,
     norm_types,
+    norm_variant,
     register_norm,
     registered_norms,
 )
@@ -27,5 +28,5 @@ __all__ = [
     "FilterResponseNorm2d", "FrozenBatchNorm2d", "GroupNorm", "GroupNormWS", "InstanceNorm2d", "LayerNorm2d",
     "MABN2d", "NormContext", "NormRecipe", "StandardizedWeight", "bake_weight_centering",
     "batch_dependent_types", "build_norm", "center_conv_weights", "conv_norm_pairs", "foldable_types",
-    "is_paired", "norm_types", "register_norm", "norm_defaults", "registered_norms", "SyncBatchNorm",
+    "is_paired", "norm_types", "norm_variant", "register_norm", "norm_defaults", "registered_norms", "SyncBatchNorm",
 ]
