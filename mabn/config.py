@@ -11,11 +11,22 @@ from omegaconf import OmegaConf
 
 from .data import DataConfigError, dataset_spec
 from .models import registered_models
-from .norms import NormContext, build_norm, registered_norms
+from .norms import NormContext, build_norm, norm_variant, registered_norms
 from .optim import check_settings
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 BATCH_MODES = ("grouped", "device")
+
+
+def variant_suffix(norm) -> str:
+    """``${norm_variant:${norm}}`` in a run name: "" for the published method, else its non-default
+    switches, e.g. "-backward_stat_batch-renorm_false" (ablation cells get run directories of their own)."""
+    params = OmegaConf.to_container(norm, resolve=True) if OmegaConf.is_config(norm) else dict(norm)
+    variant = norm_variant(str(params.get("name")), params)
+    return "".join(f"-{part.replace('=', '_')}" for part in variant.split(", ") if part)
+
+
+OmegaConf.register_new_resolver("norm_variant", variant_suffix, replace=True)
 
 
 class ConfigError(ValueError):

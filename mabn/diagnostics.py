@@ -93,7 +93,11 @@ def batch_statistics(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | N
     var, mu = torch.var_mean(xg, dim=(1, 3), correction=0, keepdim=True)
     xhat = (xg - mu) / torch.sqrt(var + eps)
     return {"mu": mu[:, 0, :, 0], "var": var[:, 0, :, 0], "g": ghat.mean(dim=(1, 3)),
-            "psi": (ghat * xhat).mean(dim=(1, 3)), "rms": ghat.square().mean(dim=(1, 3)).sqrt()}
+            "psi": (ghat * xhat).mean(dim=(1, 3)), "rms": ghat.square().mean(dim=(1, 3)).sqrt(),
+            "x2": xg.square().mean(dim=(1, 3))}
+
+
+USED = ("chi2_bar", "psi_bar", "r")  # what MABN normalizes with (Yan et al. 2020, Alg. 1-2)
 
 
 class BatchStatsTracer:
@@ -106,6 +110,13 @@ class BatchStatsTracer:
     against the tracer's own averages); ``g_dev`` and ``psi_dev`` = |s_B − s̄|/rms(ĝ) against the average
     of that statistic over every traced batch so far. Nothing is hooked until the tracer is built, and
     ``close`` removes every hook.
+
+    MABN layers also report what they normalize with (``USED``): the channel means of χ̄², Ψ̄ and r, and
+    ``chi2_bar_dev`` = |χ̄²/χ² − 1| and ``psi_bar_dev`` = |Ψ̄ − Ψ|/rms(ĝ) (ĝ = r·γ·dy, the layer's), the
+    measures of var_dev and psi_dev against the same kind of reference: the average over every traced
+    batch so far of the statistic's own batch value, χ²_B = mean(x²) and the layer's Ψ_t (a second moment
+    is not measured against a variance, which would count μ² as noise). The layer hands them over by
+    reference on traced steps only (``MABN2d.used_stats``); they are read once its backward has run.
     """
 
     def __init__(self, model: nn.Module, path: Path | None, *, enabled: bool = True):
@@ -115,6 +126,8 @@ class BatchStatsTracer:
         self._counts: dict[str, int] = {}
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, batch_dependent_types())]
         self._depth = {n: i for i, (n, _) in enumerate(layers)}
+        self._used_sums: dict[str, dict[str, torch.Tensor | int]] = {}
+        self._mabn = [m for _, m in layers if isinstance(m, MABN2d)]
         self._handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in layers]
 
     def arm(self, active: bool, iteration: int) -> None:
@@ -123,11 +136,15 @@ class BatchStatsTracer:
         if active:
             self.records = []
         self.armed, self.iteration = active, iteration
+        for m in self._mabn:  # a dict: the layer files references to its statistics into it; None: nothing
+            m.used_stats = {} if active else None
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for m in self._mabn:
+            m.used_stats = None
 
     def truncate_after(self, iteration: int) -> None:
         """On resume: drop records of steps after the checkpoint (they are traced again)."""
@@ -141,9 +158,32 @@ class BatchStatsTracer:
             x = inputs[0].detach()
             if x.shape[0] == 0:
                 return
-            output.register_hook(lambda dy: self._record(name, module, x, dy.detach()))
+            output.register_hook(lambda dy: self._on_grad(name, module, x, dy.detach()))
 
         return hook
+
+    def _on_grad(self, name: str, module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+        if getattr(module, "used_stats", None) is None:
+            self._record(name, module, x, dy)
+        else:  # MABN's Ψ̄ exists once the layer's backward has run: record at the end of this backward pass
+            engine = torch.autograd.Variable._execution_engine
+            engine.queue_callback(lambda: self._record(name, module, x, dy))
+
+    def _used(self, name: str, module: nn.Module, stats: dict[str, torch.Tensor], eps: float) -> dict:
+        """MABN: the channel means of χ̄², Ψ̄ and r of this call and their deviations (see the class)."""
+        sink = getattr(module, "used_stats", None) or {}
+        if "psi_bar" not in sink:  # not a MABN layer, or a call that did not hand them over (compiled)
+            return {}
+        used = {k: sink[k].detach().double() for k in ("chi2_bar", "psi", "psi_bar", "r")}
+        sums = self._used_sums.setdefault(name, {"x2": 0.0, "psi": 0.0, "count": 0})
+        sums["x2"] = sums["x2"] + stats["x2"].sum(dim=0)
+        sums["psi"] = sums["psi"] + used["psi"].sum(dim=0)
+        sums["count"] += stats["x2"].shape[0]
+        ref_x2, ref_psi = sums["x2"] / sums["count"], sums["psi"] / sums["count"]
+        rms = (used["r"].abs() * stats["rms"]).clamp_min(1e-30)  # rms(r·γ·dy): r is constant per group
+        return {**{k: float(used[k].mean()) for k in USED},
+                "chi2_bar_dev": float((used["chi2_bar"] / (ref_x2 + eps) - 1).abs().mean()),
+                "psi_bar_dev": float(((used["psi_bar"] - ref_psi).abs() / rms).mean())}
 
     @torch.no_grad()
     def _record(self, name: str, module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
@@ -164,7 +204,8 @@ class BatchStatsTracer:
                   "mu_dev": float(((stats["mu"] - ref_mu).abs() / torch.sqrt(ref_var + eps)).mean()),
                   "var_dev": float((stats["var"] / (ref_var + eps) - 1).abs().mean()),
                   "g_dev": float(((stats["g"] - mean["g"]).abs() / rms).mean()),
-                  "psi_dev": float(((stats["psi"] - mean["psi"]).abs() / rms).mean())}
+                  "psi_dev": float(((stats["psi"] - mean["psi"]).abs() / rms).mean()),
+                  **self._used(name, module, stats, eps)}
         self.records.append(record)
         if self.enabled and self.path is not None:
             with open(self.path, "a") as f:

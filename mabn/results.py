@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mabn.norms.registry import norm_variant
 from mabn.papers import Reported, reported_for
 
 # The metrics a table shows, per task: (summary key, header, lower is better). Classification tables show
@@ -74,6 +75,8 @@ def load_record(run_dir: Path) -> dict:
         if not isinstance(summary["top1"], (int, float)):
             raise ValueError(f"{path}: top1 {summary['top1']!r} is not a number")
         summary["top1_err"] = round(100.0 - summary["top1"], 4)
+    # an ablation's non-default switches (e.g. "backward_stat=batch"), "" for the published method
+    summary["variant"] = norm_variant(str(summary["norm"]), summary.get("norm_params"))
     summary["record_dir"] = str(run_dir)
     return summary
 
@@ -116,13 +119,20 @@ def collect(run_dirs: list[Path], records_root: Path, table: str | None = None) 
     return written
 
 
+def row_label(rec: dict, several_models: bool) -> str:
+    """A record's row: the norm, its variant's switches in brackets, and the model when there are several."""
+    label = f"{rec['norm']} [{rec['variant']}]" if rec.get("variant") else rec["norm"]
+    return f"{label} ({rec.get('model')})" if several_models else label
+
+
 def cells(records: list[dict]) -> list[Cell]:
-    """Records grouped by (norm, normalization batch) — and model, when the table holds several (XBNBlock
-    beside plain ResNets is another setting, not another seed) — in the papers' norm order, increasing n."""
+    """Records grouped by (norm, normalization batch) — and variant (an ablation's switches) and model,
+    when the table holds several (XBNBlock beside plain ResNets is another setting, not another seed) — in
+    the papers' norm order, increasing n."""
     several_models = len({rec.get("model") for rec in records}) > 1
     by_key: dict[tuple[str, int], Cell] = {}
     for rec in records:
-        label = f"{rec['norm']} ({rec.get('model')})" if several_models else rec["norm"]
+        label = row_label(rec, several_models)
         n = int(rec["norm_batch"])
         by_key.setdefault((label, n), Cell(rec["norm"], n, label=label)).runs.append(rec)
     order = {name: i for i, name in enumerate(NORM_ORDER)}
@@ -263,8 +273,9 @@ def render_table(table: str, records: list[dict], figures: list[str] = ()) -> st
             "|---|---|" + "---|" * (len(metrics) + 1 + len(reported))]
     for c in grid:
         ours = [format_cell(c, key) for key, _, _ in metrics]
-        # XBNBlock mixes GroupNorm into the run's norm: the papers' per-norm numbers do not describe it
-        mixed = "xbn" in str(c.runs[0].get("model"))
+        # XBNBlock mixes GroupNorm into the run's norm, an ablation changes it: the papers' numbers are of
+        # the published methods
+        mixed = "xbn" in str(c.runs[0].get("model")) or bool(c.runs[0].get("variant"))
         out.append(f"| {c.label} | {c.n} | " + " | ".join(ours) + f" | {len(c.runs)} | "
                    + " | ".join("" if mixed else r.get(c.norm, c.n) for r in reported) + " |")
     sources = ("≈: read off the paper's figure. Papers: Yan et al. 2020 (MABN, official README); "
@@ -319,13 +330,16 @@ def _plot_vs_n(plt, table: str, task: str, grid: list[Cell]):
     key, header, _ = METRICS[task][0]
     reported = reported_for(task, table)[0]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    variants = list(dict.fromkeys(c.label for c in grid if c.runs[0].get("variant")))
     for label in dict.fromkeys(c.label for c in grid):
         mine = [c for c in grid if c.label == label]
         pts = [(c.n, *mean_std(c.values(key))) for c in mine if c.values(key)]
         if pts:
             n, mean, std = zip(*pts, strict=True)
-            axes[0].errorbar(n, mean, yerr=[s or 0.0 for s in std], marker="o", capsize=3, label=label,
-                             color=_color(mine[0].norm), linestyle="-" if label == mine[0].norm else ":")
+            style = {"color": _color(mine[0].norm), "linestyle": "-" if label == mine[0].norm else ":"}
+            if label in variants:  # an ablation: a colour of its own, dashed
+                style = {"color": f"C{(7 + variants.index(label)) % 10}", "linestyle": "--"}
+            axes[0].errorbar(n, mean, yerr=[s or 0.0 for s in std], marker="o", capsize=3, label=label, **style)
     for norm in dict.fromkeys(c.norm for c in grid):
         paper = reported.values.get(norm)
         if paper:

@@ -10,15 +10,38 @@ import torch
 
 
 class RefMABN:
-    """The official formal MABN layer, sequential form; t counts normalization batches from 1."""
+    """The official formal MABN layer, sequential form; t counts normalization batches from 1.
 
-    def __init__(self, channels, window, warmup, renorm, r_max=5.0, eps=1e-5, momentum=0.02):
+    The ablations, stated as plainly: ``forward_stat`` / ``backward_stat`` "batch" use χ²_t / Ψ_t of the
+    current batch in every phase; ``average`` "ema" replaces each window mean by e_t = (1−α)e_{t−1} + α·s_t,
+    α = 2/(m+1), e_1 = s_1; ``renorm_on`` False keeps r = 1.
+    """
+
+    def __init__(self, channels, window, warmup, renorm, r_max=5.0, eps=1e-5, momentum=0.02,
+                 forward_stat="sma", backward_stat="sma", average="sma", renorm_on=True):
         self.m, self.warmup, self.renorm, self.r_max = window, warmup, renorm, r_max
         self.eps, self.alpha = eps, momentum
+        self.forward_stat, self.backward_stat, self.average, self.renorm_on = (
+            forward_stat, backward_stat, average, renorm_on)
         self.ring_x2 = torch.zeros(window, channels, dtype=torch.float64)
         self.ring_gz = torch.zeros(window, channels, dtype=torch.float64)
+        self.ema_x2 = torch.zeros(channels, dtype=torch.float64)
+        self.ema_gz = torch.zeros(channels, dtype=torch.float64)
         self.v = torch.ones(channels, dtype=torch.float64)
         self.t = 0
+        self.ratio = None  # √(χ̄²+ε)/√(v+ε) of the last step, before clipping
+
+    def push(self, name, value):
+        """Record the statistic of batch t; return its average (window mean or EMA) ending at t."""
+        t = self.t
+        if self.average == "sma":
+            ring = getattr(self, "ring_" + name)
+            ring[t % self.m] = value
+            return ring.mean(dim=0)
+        a = 2.0 / (self.m + 1)
+        ema = value.clone() if t == 1 else (1 - a) * getattr(self, "ema_" + name) + a * value
+        setattr(self, "ema_" + name, ema)
+        return ema
 
     def step(self, x, gamma, beta, dy):
         """Forward then backward of normalization batch t+1: returns y, dx, dgamma, dbeta."""
@@ -26,25 +49,27 @@ class RefMABN:
         t, m, eps = self.t, self.m, self.eps
         dims = (0, 2, 3)
         chi2 = (x * x).mean(dim=dims)
-        self.ring_x2[t % m] = chi2
+        avg_x2 = self.push("x2", chi2)
         plain = t <= m or t < self.warmup
-        chi2_bar = chi2 if plain else self.ring_x2.mean(dim=0)
+        chi2_bar = chi2 if plain or self.forward_stat == "batch" else avg_x2
         std = torch.sqrt(chi2_bar + eps)
         z = x / std.view(1, -1, 1, 1)
-        if t <= max(self.renorm, self.warmup):
+        self.ratio = std / torch.sqrt(self.v + eps)
+        if t <= max(self.renorm, self.warmup) or not self.renorm_on:
             r = torch.ones_like(chi2_bar)
         else:
-            r = (std / torch.sqrt(self.v + eps)).clamp(1 / self.r_max, self.r_max)
+            r = self.ratio.clamp(1 / self.r_max, self.r_max)
         y = gamma.view(1, -1, 1, 1) * r.view(1, -1, 1, 1) * z + beta.view(1, -1, 1, 1)
         self.v = (1 - self.alpha) * self.v + self.alpha * chi2_bar
         # backward
         ghat = (r * gamma).view(1, -1, 1, 1) * dy
         psi = (ghat * z).mean(dim=dims)
-        self.ring_gz[t % m] = psi
-        psi_bar = psi if plain else self.ring_gz.mean(dim=0)
+        avg_gz = self.push("gz", psi)
+        psi_bar = psi if plain or self.backward_stat == "batch" else avg_gz
         dx = (ghat - z * psi_bar.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         dgamma = (dy * r.view(1, -1, 1, 1) * z).sum(dim=dims)
         dbeta = dy.sum(dim=dims)
+        self.used = {"chi2_bar": chi2_bar, "r": r, "psi": psi, "psi_bar": psi_bar}
         return y, dx, dgamma, dbeta
 
 

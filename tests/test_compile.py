@@ -10,6 +10,7 @@ CPU inductor, float64; each case is one compile (compiles are the cost of this f
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 
 import pytest
@@ -147,3 +148,71 @@ def test_train_compile_equals_eager(norm, tmp_path):
     assert len(eager_losses) == 4
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-5), norm
     assert compiled_top1 == eager_top1
+
+
+def test_mabn_ablations_compiled_equal_eager():
+    """Every non-default combination of MABN's switches, one layer each, stacked in one graph (one compile):
+    compiled == eager through warm-up, the averages (SMA or EMA) and renorm, 3 groups per call."""
+    from mabn.norms import MABN2d
+
+    combos = [c for c in itertools.product(("sma", "batch"), ("sma", "batch"), ("sma", "ema"), (True, False))
+              if c != ("sma", "sma", "sma", True)]
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = nn.Sequential(*(MABN2d(4, window=WINDOW, group_size=N, warmup_iters=2, renorm_iters=4, momentum=0.2,
+                                   r_max=1.5, forward_stat=f, backward_stat=b, average=a, renorm=r)
+                            for f, b, a, r in combos)).double().train()
+    with torch.no_grad():
+        for mod in eager:
+            mod.weight.uniform_(0.5, 1.5)
+            mod.bias.normal_()
+    compiled_model = copy.deepcopy(eager)
+    from torch._inductor.compile_fx import compile_fx
+
+    graphs = []
+
+    def inductor(gm, example_inputs):
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(compiled_model, backend=inductor, fullgraph=True, dynamic=False)
+    gen = torch.Generator().manual_seed(1)
+    for call in range(CALLS):
+        x = torch.randn(3 * N, 4, 3, 3, generator=gen, dtype=torch.float64) * (0.5 + call % 3) + 0.3 * call
+        dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        outs = []
+        for model in (compiled, eager):
+            xi = x.clone().requires_grad_(True)
+            model.zero_grad(set_to_none=True)
+            y = model(xi)
+            y.backward(dy)
+            outs.append((y.detach(), xi.grad))
+        _close(outs[0][0], outs[1][0], f"output, call {call}")
+        _close(outs[0][1], outs[1][1], f"input grad, call {call}")
+        for (key, p), q in zip(compiled_model.named_parameters(), eager.parameters(), strict=True):
+            _close(p.grad, q.grad, f"grad of {key}, call {call}")
+        for (key, b), c in zip(compiled_model.named_buffers(), eager.buffers(), strict=True):
+            _close(b, c, f"buffer {key}, call {call}")
+    assert int(eager[0].num_batches_tracked) == 3 * CALLS and len(graphs) == 1
+
+
+def test_ablation_ops_pass_opcheck():
+    """The ops with the ablation arguments (EMA state, current-batch statistics, r off) pass opcheck."""
+    from mabn.norms import _mabn_ops as ops
+
+    gen = torch.Generator().manual_seed(0)
+    groups, c = 3, 4
+    x = torch.randn(groups * 2, c, 3, 3, generator=gen, dtype=torch.float64)
+    for t, ema in ((0, True), (5, True), (5, False)):
+        avg = torch.rand((c,) if ema else (WINDOW, c), generator=gen, dtype=torch.float64)
+        state = (avg, torch.ones(c, dtype=torch.float64), torch.tensor(t))
+        flags = (False, ema, False)
+        torch.library.opcheck(ops.forward_state_op, (x, *state, groups, WINDOW, 2, 4, 1.5, 0.2, 1e-5, *flags))
+        chi2_bar, r, use_sma, t0 = ops.forward_state(x, *state, groups, WINDOW, 2, 4, 1.5, 0.2, 1e-5, *flags)
+        ring_gz = torch.rand(avg.shape, generator=gen, dtype=torch.float64)
+        for backward_avg in (True, False):
+            torch.library.opcheck(ops.update_ring_gz_op, (ring_gz, chi2_bar, t0, use_sma, WINDOW, backward_avg, ema))
+        weight, bias = (torch.rand(c, generator=gen, dtype=torch.float64).requires_grad_(True) for _ in "wb")
+        args = (x.clone().requires_grad_(True), weight, bias, chi2_bar, r, use_sma, ring_gz, t0, WINDOW, 1e-5,
+                False, ema)
+        torch.library.opcheck(ops.normalize_op, args)

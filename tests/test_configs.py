@@ -117,3 +117,21 @@ def test_xbnblock_models_compose_and_build(model, data_root):
     options = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"}
     net = build_model(model, recipe, num_classes=10, in_channels=1, **options)
     assert any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+
+
+def test_ablation_experiment_is_the_cpu_protocol_with_a_run_per_variant():
+    """experiment=fmnist_ablation: fmnist_cpu's settings; each variant (non-default switches) in its own run."""
+    cpu = compose_cfg("experiment=fmnist_cpu", "norm=mabn", "batch=2")
+    abl = compose_cfg("experiment=fmnist_ablation", "norm=mabn", "batch=2")
+    cpu, abl = (OmegaConf.to_container(c, resolve=True) for c in (cpu, abl))
+    for key in ("data", "model", "schedule", "optim", "train", "epochs", "launcher", "norm"):
+        assert abl[key] == cpu[key], key
+    assert abl["run"]["name"] == "ablation-fmnist-cifar_resnet8-mabn-n2-b32-s0"
+    assert compose_cfg("experiment=fmnist_ablation", "norm=bn", "batch=1").run.name == \
+        "ablation-fmnist-cifar_resnet8-bn-n1-b32-s0"
+    both = compose_cfg("experiment=fmnist_ablation", "norm=mabn", "norm.forward_stat=batch",
+                       "norm.backward_stat=batch", "norm.weight_centering=false", "batch=2", "seed=1")
+    assert both.run.name == ("ablation-fmnist-cifar_resnet8-mabn-forward_stat_batch-backward_stat_batch"
+                             "-weight_centering_false-n2-b32-s1")
+    assert compose_cfg("experiment=fmnist_ablation", "norm=mabn", "norm.average=ema").run.name.endswith(
+        "mabn-average_ema-n32-b32-s0")

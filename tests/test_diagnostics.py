@@ -175,3 +175,81 @@ def test_plot_batch_stats_medians_and_figures(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "diag.batch_stats=true" in bad.stderr
+
+
+@pytest.mark.parametrize("switches", [{}, {"average": "ema", "backward_stat": "batch"}], ids=["sma", "ema"])
+def test_tracer_records_what_mabn_normalizes_with(switches, tmp_path):
+    """χ̄², Ψ̄, r and their deviations against the float64 re-statement fed the same normalization batches:
+    an untraced step fills the averages (nothing recorded, no statistics kept), then a traced one."""
+    from mabn.diagnostics import BatchStatsTracer
+
+    from .reference import RefMABN
+
+    params = {"name": "mabn", "window": 2, "warmup_iters": 1, "renorm_iters": 1, "r_max": 1.2, **switches}
+    norm = build_norm(params, NormContext(norm_batch=2, device_batch=6)).ctor(3)  # 3 groups per step
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+    net = _tiny(norm)
+    tracer = BatchStatsTracer(net, tmp_path / "trace.jsonl")
+    seen = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        seen.append((inputs[0].detach(), output))
+
+    net[1].register_forward_hook(keep)
+    ref = RefMABN(3, 2, 3, 3, r_max=1.2, backward_stat=switches.get("backward_stat", "sma"),
+                  average=switches.get("average", "sma"))
+    gamma = norm.weight.detach().double()
+    for it, armed in ((1, False), (2, True)):
+        tracer.arm(armed, it)
+        x = torch.randn(6, 1, 4, 4, dtype=torch.float64) * (1 + it)
+        torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 0, 1, 1, 0])).backward()
+        assert (norm.used_stats is None) != armed
+        xs, dy = seen[-1][0], seen[-1][1].grad
+        used = []
+        for k in range(3):  # the re-statement, one normalization batch at a time
+            ref.step(xs[2 * k:2 * k + 2], gamma, norm.bias.detach().double(), dy[2 * k:2 * k + 2])
+            used.append(ref.used)
+    (rec,) = tracer.records
+    chi2_bar, r, psi, psi_bar = (
+        torch.stack([u[k] for u in used]) for k in ("chi2_bar", "r", "psi", "psi_bar"))
+    assert ref.t == 6 and (r != 1).any() and (r.abs() == 1.2).any()  # averaging, renorm on, r clipped
+    x2 = torch.stack([(xs[2 * k:2 * k + 2] ** 2).mean(dim=(0, 2, 3)) for k in range(3)])
+    ghat = [(r[k] * gamma).view(1, -1, 1, 1) * dy[2 * k:2 * k + 2] for k in range(3)]  # MABN's ĝ = r·γ·dy
+    rms = torch.stack([g.square().mean(dim=(0, 2, 3)).sqrt() for g in ghat])
+    for key, value in (("chi2_bar", chi2_bar), ("psi_bar", psi_bar), ("r", r)):
+        assert rec[key] == pytest.approx(float(value.mean()), rel=1e-10), key
+    # one traced step: the population references are the averages over its three normalization batches
+    assert rec["chi2_bar_dev"] == pytest.approx(float((chi2_bar / (x2.mean(0) + norm.eps) - 1).abs().mean()),
+                                                rel=1e-9)
+    assert rec["psi_bar_dev"] == pytest.approx(float(((psi_bar - psi.mean(0)).abs() / rms).mean()), rel=1e-9)
+    assert rec["chi2_bar_dev"] > 0 and rec["psi_bar_dev"] > 0
+    assert json.loads((tmp_path / "trace.jsonl").read_text().splitlines()[0]) == rec
+    tracer.close()
+    assert norm.used_stats is None
+
+
+def test_plot_batch_stats_draws_what_mabn_uses(tmp_path):
+    """A MABN trace with the used statistics: their medians in batch_stats.json, beside the batch ones."""
+    runs = []
+    for norm, n in (("bn", 2), ("mabn", 2), ("mabn", 32)):
+        run = tmp_path / f"{norm}-{n}"
+        (run / "hydra").mkdir(parents=True)
+        (run / "hydra" / "config.yaml").write_text(
+            f"norm:\n  name: {norm}\nbatch:\n  norm_batch: {n}\nmodel:\n  name: cifar_resnet8\nseed: 0\n")
+        used = {"chi2_bar_dev": 0.1, "psi_bar_dev": 0.2} if norm == "mabn" else {}
+        lines = [{"iter": it, "layer": f"l{d}", "depth": d, "mu_dev": 1.0, "var_dev": 2.0, "g_dev": 3.0,
+                  "psi_dev": 4.0, **{k: v * it for k, v in used.items()}} for it in (1, 2, 3) for d in (0, 1)]
+        (run / "diag_batch_stats.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        runs.append(str(run))
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), *runs, "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    table = {(r["norm"], r["n"]): r for r in json.loads((tmp_path / "out" / "batch_stats.json").read_text())}
+    assert table[("mabn", 2)]["chi2_bar_dev"] == pytest.approx(0.2)  # median over steps 1-3, then layers
+    assert table[("mabn", 32)]["layers"][1]["psi_bar_dev"] == pytest.approx(0.4)
+    assert "chi2_bar_dev" not in table[("bn", 2)] and "psi_bar_dev 0.4000" in out.stdout
+    svg = (tmp_path / "out" / "batch_stats_vs_n.svg").read_text()
+    assert "used χ̄²" in svg and "used Ψ̄" in svg
+    assert (tmp_path / "out" / "batch_stats_by_layer_mabn.png").stat().st_size > 1000

@@ -17,6 +17,15 @@ LAYERS = {
                              r_max_iters=20, d_max_iters=12),
     "mabn": functools.partial(MABN2d, window=4, warmup_iters=3, renorm_iters=6, momentum=0.2, r_max=1.5),
 }
+# MABN's ablation switches (every combination is pinned against the re-statement in test_mabn.py)
+_MABN = LAYERS["mabn"]
+LAYERS.update({
+    "mabn-ema": functools.partial(_MABN, average="ema"),
+    "mabn-backward-batch": functools.partial(_MABN, backward_stat="batch"),
+    "mabn-both-batch-no-renorm": functools.partial(_MABN, forward_stat="batch", backward_stat="batch",
+                                                   renorm=False),
+    "mabn-ema-forward-batch": functools.partial(_MABN, average="ema", forward_stat="batch"),
+})
 
 
 def _init(layer, gen):

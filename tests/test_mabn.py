@@ -1,5 +1,7 @@
 """MABN2d against an explicit float64 re-statement of the paper's sequential equations."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -8,9 +10,13 @@ from mabn.norms import MABN2d
 from .reference import RefMABN, isclose_report
 
 
-def _run_against_reference(steps, window, warmup, renorm, channels=3, batch=2, hw=(3, 2), shift_at=None):
-    layer = MABN2d(channels, window=window, warmup_iters=warmup, renorm_iters=renorm).double().train()
-    ref = RefMABN(channels, window, warmup, renorm)
+def _run_against_reference(steps, window, warmup, renorm, channels=3, batch=2, hw=(3, 2), shift_at=None,
+                           switches=None):
+    switches = dict(switches or {})  # MABN2d's ablation switches (RefMABN calls renorm "renorm_on")
+    layer = MABN2d(channels, window=window, warmup_iters=warmup, renorm_iters=renorm, **switches).double().train()
+    renorm_on = switches.pop("renorm", True)
+    ref = RefMABN(channels, window, warmup, renorm, renorm_on=renorm_on, **switches)
+    averages = ("ring_x2", "ring_gz") if switches.get("average", "sma") == "sma" else ("ema_x2", "ema_gz")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         layer.weight.copy_(torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5)
@@ -35,12 +41,13 @@ def _run_against_reference(steps, window, warmup, renorm, channels=3, batch=2, h
         isclose_report(layer.weight.grad, dg_ref, f"dL/dgamma at {where}")
         isclose_report(layer.bias.grad, db_ref, f"dL/dbeta at {where}")
         isclose_report(layer.running_var, ref.v, f"running_var at {where}")
-        isclose_report(layer.ring_x2, ref.ring_x2, f"ring_x2 at {where}")
-        isclose_report(layer.ring_gz, ref.ring_gz, f"ring_gz at {where}")
+        for name in averages:
+            isclose_report(getattr(layer, name), getattr(ref, name), f"{name} at {where}")
+        assert sorted(layer.state_dict()) == sorted(["weight", "bias", "running_var", "num_batches_tracked",
+                                                     *averages])
         assert int(layer.num_batches_tracked) == ref.t
         if step > max(renorm, warmup):
-            r = torch.sqrt(ref.ring_x2.mean(0) + 1e-5) / torch.sqrt(ref.v + 1e-5)
-            clipped += int(((r > 5) | (r < 0.2)).any())
+            clipped += int(((ref.ratio > 5) | (ref.ratio < 0.2)).any())
     return clipped
 
 
@@ -48,6 +55,63 @@ def test_paper_defaults_1300_steps():
     """window 16, warm-up 100, renorm from step 1000: all three phases, r clipped at times."""
     clipped = _run_against_reference(1300, window=16, warmup=100, renorm=1000, shift_at=1100)
     assert clipped > 0, "the test data should drive r into its clipping range"
+
+
+SWITCHES = list(itertools.product(("sma", "batch"), ("sma", "batch"), ("sma", "ema"), (True, False)))
+
+
+@pytest.mark.parametrize("forward_stat, backward_stat, average, renorm", SWITCHES,
+                         ids=["-".join(map(str, c)) for c in SWITCHES])
+def test_ablation_switches_1000_steps(forward_stat, backward_stat, average, renorm):
+    """Each combination of the switches, 1000 steps: plain warm-up to 50, the averages from 9, r from 600
+    (clipped at times, where it is on): outputs, gradients and every buffer against the re-statement."""
+    clipped = _run_against_reference(1000, window=8, warmup=50, renorm=600, shift_at=700,
+                                     switches={"forward_stat": forward_stat, "backward_stat": backward_stat,
+                                               "average": average, "renorm": renorm})
+    assert clipped > 0, "the test data should drive r into its clipping range"
+
+
+def test_switch_defaults_and_state_dict():
+    """The defaults are the official layer, with its state dict; EMA state only where the EMA is used."""
+    default = MABN2d(4)
+    assert default.uses_default_statistics and "forward_stat" not in repr(default)
+    assert list(default.state_dict()) == ["weight", "bias", "running_var", "ring_x2", "ring_gz",
+                                          "num_batches_tracked"]
+    ema = MABN2d(4, average="ema", renorm=False)
+    assert not ema.uses_default_statistics and "average='ema', renorm=False" in repr(ema)
+    assert list(ema.state_dict()) == ["weight", "bias", "running_var", "ema_x2", "ema_gz", "num_batches_tracked"]
+    for key in ("forward_stat", "backward_stat"):
+        assert not MABN2d(4, **{key: "batch"}).uses_default_statistics
+    with pytest.raises(ValueError, match="forward_stat must be one of sma, batch, got 'ema'"):
+        MABN2d(4, forward_stat="ema")
+    with pytest.raises(ValueError, match="average must be one of sma, ema, got 'batch'"):
+        MABN2d(4, average="batch")
+    with pytest.raises(ValueError, match="renorm must be true or false"):
+        MABN2d(4, renorm=1)
+
+
+def test_registry_switches_validated_and_passed():
+    from mabn.norms import build_norm
+
+    layer = build_norm({"name": "mabn", "backward_stat": "batch", "average": "ema", "renorm": False}).ctor(4)
+    assert (layer.forward_stat, layer.backward_stat, layer.average, layer.renorm) == ("sma", "batch", "ema", False)
+    with pytest.raises(ValueError, match="norm.backward_stat must be one of sma, batch, got 'mean'"):
+        build_norm({"name": "mabn", "backward_stat": "mean"})
+    with pytest.raises(ValueError, match="norm.renorm must be true or false, got 'no'"):
+        build_norm({"name": "mabn", "renorm": "no"})
+
+
+def test_ema_reset_reseeds():
+    """reset_averages with the counter at 0 (fine-tuning's restart): the EMA is seeded again by batch 1."""
+    layer = MABN2d(2, window=3, average="ema").double()
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    layer(x).sum().backward()
+    first = layer.ema_x2.clone()
+    layer(2 * x).sum().backward()
+    layer.reset_averages()
+    layer.num_batches_tracked.zero_()
+    layer(x).sum().backward()
+    isclose_report(layer.ema_x2, first, "ema_x2 after the restart")
 
 
 def test_small_window_short_warmup():

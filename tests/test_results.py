@@ -206,3 +206,27 @@ def test_paper_claims_are_checked_from_the_records(tmp_path):
     assert "BN@2 worse than BN@32" not in text and "MABN@2 within" not in text
     assert ("- BRN@2 between BN@2 and MABN@2 (means): **no** — "
             "brn@2 15.00 ± 1.00; bn 19.00, mabn 29.00.") in text
+
+
+def test_ablation_variants_get_rows_of_their_own(tmp_path):
+    """Non-default switches in norm_params make a row of their own, named by them; the published method's
+    row (and the claims, the papers' columns) stay the plain norm's; records without switches are unchanged."""
+    runs, mabn = tmp_path / "runs", {"window": 16, "weight_centering": True}
+    write_run(runs, "bn", norm="bn", norm_batch=2, seed=0, top1=90.0, norm_params={"eps": 1e-5})
+    write_run(runs, "mabn-old", norm="mabn", norm_batch=2, seed=0, top1=92.0, norm_params=mabn)
+    write_run(runs, "mabn", norm="mabn", norm_batch=2, seed=1, top1=92.5,
+              norm_params={**mabn, "forward_stat": "sma", "backward_stat": "sma", "average": "sma", "renorm": True})
+    write_run(runs, "mabn-bwd", norm="mabn", norm_batch=2, seed=0, top1=91.0,
+              norm_params={**mabn, "backward_stat": "batch", "renorm": False})
+    write_run(runs, "mabn-wc", norm="mabn", norm_batch=2, seed=0, top1=89.0,
+              norm_params={**mabn, "weight_centering": False})
+    collect(sorted(runs.iterdir()), tmp_path / "records")
+    records = load_tables(tmp_path / "records")["fmnist"]
+    grid = cells(records)
+    assert [(c.label, len(c.runs)) for c in grid] == [
+        ("bn", 1), ("mabn", 2), ("mabn [backward_stat=batch, renorm=false]", 1),
+        ("mabn [weight_centering=false]", 1)]
+    md = render_table("fmnist", records)
+    assert "| mabn [weight_centering=false] | 11.00 (1) |" in md
+    assert "| mabn | 2 | 7.75 ± 0.35 (2) | 2 | 23.67 |" in md
+    assert "| mabn [backward_stat=batch, renorm=false] | 2 | 9.00 (1) | 1 |  |" in md

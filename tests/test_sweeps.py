@@ -33,3 +33,22 @@ def test_cpu_reproduction_order_and_cells():
     # the later norms after the paper's: cbn at every n, the batch-free ones at n = 2 and 32 like gn
     assert "norm=ln,in,gnws,evonorm_s0,frn" in commands[3] and "norm=cbn " in commands[4]
     assert all(c.endswith("launcher.n_jobs=2") and "experiment=fmnist_cpu" in c for c in commands)
+
+
+def test_ablation_cells():
+    """fmnist_ablation.sh: the cells of the ablation table, three seeds each, under experiment=fmnist_ablation."""
+    commands = _dry_run("fmnist_ablation.sh", LAUNCHER="joblib", JOBS="2")
+    assert all("experiment=fmnist_ablation" in c and c.endswith("seed=0,1,2 launcher.n_jobs=2") for c in commands)
+    cells = set()
+    for c in commands:
+        args = c.split()
+        norms = next(a for a in args if a.startswith("norm=")).split("=")[1].split(",")
+        switches = tuple(a for a in args if a.startswith("norm."))
+        for n in next(a for a in args if a.startswith("batch=")).split("=")[1].split(","):
+            cells |= {(norm, switches, int(n)) for norm in norms}
+    small = {("bn", ()), ("mabn", ()), ("mabn", ("norm.backward_stat=batch",)),
+             ("mabn", ("norm.forward_stat=batch",)), ("mabn", ("norm.forward_stat=batch", "norm.backward_stat=batch")),
+             ("mabn", ("norm.weight_centering=false",)), ("mabn", ("norm.average=ema",))}
+    large = {("bn", ()), ("mabn", ()), ("mabn", ("norm.weight_centering=false",)),
+             ("mabn", ("norm.forward_stat=batch", "norm.backward_stat=batch"))}
+    assert cells == {(*cell, n) for n in (1, 2) for cell in small} | {(*cell, 32) for cell in large}

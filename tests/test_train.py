@@ -207,3 +207,16 @@ def test_resume_refuses_another_config_and_keeps_the_checkpoint(tmp_path, data_r
     assert out.returncode == 2 and "holds another run (norm.momentum: 0.1 -> 0.2)" in out.stderr
     assert "run.resume=false" not in out.stderr  # no message suggests a destructive fix
     assert last.read_bytes() == before
+
+
+def test_ablation_variant_trains_in_its_own_run_and_records_its_switches(tmp_path):
+    """experiment=fmnist_ablation with a switch: the run directory and summary.json name the variant."""
+    root = make_fmnist_like(tmp_path / "fmnist")
+    train(["experiment=fmnist_ablation", "norm=mabn", "norm.backward_stat=batch", "norm.average=ema", "batch=2",
+           "model=cifar_resnet20", "model.depth=8", "model.width=4", "train.max_iters_per_epoch=2"],
+          tmp_path / "runs", root)
+    d = run_dir(tmp_path / "runs")
+    assert d.name == "ablation-fmnist-cifar_resnet20-mabn-backward_stat_batch-average_ema-n2-b8-s0"
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["experiment"] == "fmnist_ablation"
+    assert summary["norm_params"]["backward_stat"] == "batch" and summary["norm_params"]["average"] == "ema"

@@ -108,9 +108,9 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     else:
         mapped = torchvision_to_d2(read_imagenet_state(path))
         # rings hold statistics of ImageNet crops and are cleared below anyway (the window may differ too)
-        mapped = {k: v for k, v in mapped.items() if not k.endswith((".ring_x2", ".ring_gz"))}
+        mapped = {k: v for k, v in mapped.items() if not k.endswith(AVERAGES)}
         own = {k for k in model.state_dict() if k.startswith(BACKBONE_PREFIX)}
-        own = {k for k in own if not k.endswith((".ring_x2", ".ring_gz"))}
+        own = {k for k in own if not k.endswith(AVERAGES)}
         unexpected = sorted(k for k in set(mapped) - own if not k.endswith(".num_batches_tracked"))
         missing = sorted(k for k in own - set(mapped) if not k.endswith(".num_batches_tracked"))
         if unexpected or missing:
@@ -124,9 +124,12 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
                 f"; restarted warm-up of {restarted} MABN/BRN layers" if restarted else "")
 
 
+AVERAGES = (".ring_x2", ".ring_gz", ".ema_x2", ".ema_gz")  # MABN's moving-average history (SMA or EMA)
+
+
 @torch.no_grad()
 def restart_norm_state(module: nn.Module) -> int:
-    """Counters of MABN2d/BatchRenorm2d to 0 and MABN's rings cleared; running statistics kept.
+    """Counters of MABN2d/BatchRenorm2d to 0 and MABN's moving averages cleared; running statistics kept.
 
     On purpose: fine-tuning sees other inputs (detection images, not ImageNet crops) and another SGD batch,
     so the moving averages and the renorm/BRN schedules start over as in a fresh run, from the ImageNet
@@ -137,7 +140,6 @@ def restart_norm_state(module: nn.Module) -> int:
         if isinstance(m, (MABN2d, BatchRenorm2d)):
             m.num_batches_tracked.zero_()
             if isinstance(m, MABN2d):
-                m.ring_x2.zero_()
-                m.ring_gz.zero_()
+                m.reset_averages()
             count += 1
     return count

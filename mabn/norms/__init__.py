@@ -19,6 +19,7 @@ from .registry import (
     foldable_types,
     norm_defaults,
     norm_types,
+    norm_variant,
     register_norm,
     registered_norms,
 )
@@ -28,6 +29,6 @@ __all__ = [
     "EvoNormS0", "FilterResponseNorm2d", "FrozenBatchNorm2d", "GroupNorm", "GroupNormWS", "InstanceNorm2d",
     "LayerNorm2d", "MABN2d", "NormAct2d", "NormContext", "NormRecipe", "StandardizedWeight",
     "bake_weight_centering", "batch_dependent_types", "build_norm", "center_conv_weights", "conv_norm_pairs",
-    "convert_norms", "foldable_types", "is_paired", "norm_types", "register_norm", "norm_defaults",
-    "registered_norms", "revert_norms", "SyncBatchNorm",
+    "convert_norms", "foldable_types", "is_paired", "norm_types", "norm_variant", "register_norm",
+    "norm_defaults", "registered_norms", "revert_norms", "SyncBatchNorm",
 ]

@@ -32,11 +32,22 @@ class MABN2d(nn.Module):
     ``ring_gz`` is written by the backward: a training-mode forward that never gets one (e.g. under
     ``torch.no_grad``) advances the counter and ``ring_x2`` but leaves its Ψ slot as it was, as the official
     layer does.
+
+    Ablation switches (defaults: the official layer): ``forward_stat`` / ``backward_stat`` ``"batch"``
+    normalizes by χ²_t / uses Ψ_t of the current normalization batch only (the average is still kept);
+    ``average="ema"`` replaces both SMAs by EMAs of the same centre of mass, α = 2/(window+1), seeded with
+    the first batch's statistic, kept in ``ema_x2`` and ``ema_gz`` (C,) instead of the rings (the default
+    layer's state dict is unchanged); ``renorm=False`` keeps r ≡ 1. ``uses_default_statistics`` is False
+    when any switch is off its default (a fused path without the ablations falls back on this one).
     """
+
+    SWITCHES = {"forward_stat": ("sma", "batch"), "backward_stat": ("sma", "batch"), "average": ("sma", "ema")}
+    _DEFAULTS = {"forward_stat": "sma", "backward_stat": "sma", "average": "sma", "renorm": True}
 
     def __init__(self, num_features: int, *, window: int = 16, group_size: int | None = None,
                  eps: float = 1e-5, momentum: float = 0.02, warmup_iters: int = 100,
-                 renorm_iters: int = 1000, r_max: float = 5.0):
+                 renorm_iters: int = 1000, r_max: float = 5.0, forward_stat: str = "sma",
+                 backward_stat: str = "sma", average: str = "sma", renorm: bool = True):
         super().__init__()
         check_positive("num_features", num_features, integer=True)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -51,17 +62,46 @@ class MABN2d(nn.Module):
         if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or r_max < 1.0:
             raise ValueError(f"r_max must be a number >= 1 (r is clipped to [1/r_max, r_max]), got {r_max!r}")
         self.r_max = float(r_max)
+        for key, valid in self.SWITCHES.items():
+            value = {"forward_stat": forward_stat, "backward_stat": backward_stat, "average": average}[key]
+            if not isinstance(value, str) or value not in valid:
+                raise ValueError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
+        if not isinstance(renorm, bool):
+            raise ValueError(f"renorm must be true or false (the r correction on or off), got {renorm!r}")
+        self.forward_stat, self.backward_stat, self.average = forward_stat, backward_stat, average
+        self.renorm = renorm
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("ring_x2", torch.zeros(window, num_features))
-        self.register_buffer("ring_gz", torch.zeros(window, num_features))
+        if average == "sma":
+            self.register_buffer("ring_x2", torch.zeros(window, num_features))
+            self.register_buffer("ring_gz", torch.zeros(window, num_features))
+        else:  # EMAs of χ² and Ψ (seeded by the first normalization batch)
+            self.register_buffer("ema_x2", torch.zeros(num_features))
+            self.register_buffer("ema_gz", torch.zeros(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.used_stats: dict | None = None  # set to {} by a tracer: the statistics of the last traced call
+
+    @property
+    def uses_default_statistics(self) -> bool:
+        """True for the official layer: both statistics averaged by SMAs, and the r correction on."""
+        return all(getattr(self, k) == v for k, v in self._DEFAULTS.items())
+
+    def _averages(self) -> tuple[Tensor, Tensor]:
+        """The buffers of the χ² and Ψ moving averages: the rings (SMA) or the EMAs."""
+        return (self.ring_x2, self.ring_gz) if self.average == "sma" else (self.ema_x2, self.ema_gz)
+
+    @torch.no_grad()
+    def reset_averages(self) -> None:
+        """Clear the moving averages' history (rings or EMAs); running_var and the counter are kept."""
+        for buf in self._averages():
+            buf.zero_()
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, window={self.window}, group_size={self.group_size}, eps={self.eps}, "
                 f"momentum={self.momentum}, warmup_iters={self.warmup_iters}, "
-                f"renorm_iters={self.renorm_iters}, r_max={self.r_max}")
+                f"renorm_iters={self.renorm_iters}, r_max={self.r_max}" + "".join(
+                    f", {k}={getattr(self, k)!r}" for k, v in self._DEFAULTS.items() if getattr(self, k) != v))
 
     def eval_scale_shift(self) -> tuple[Tensor, Tensor]:
         """The per-channel affine map of eval mode (what folding puts into the preceding conv)."""
@@ -79,9 +119,19 @@ class MABN2d(nn.Module):
         groups, _ = num_groups(x.shape[0], self.group_size)
         # under torch.compile: the same kernels as ops that declare the buffers they write (see _mabn_ops)
         compiling = torch.compiler.is_compiling()
+        ring_x2, ring_gz = self._averages()
+        ema = self.average == "ema"
         with torch.no_grad():
             chi2_bar, r, use_sma, t0 = (ops.forward_state_op if compiling else ops.forward_state)(
-                x.detach(), self.ring_x2, self.running_var, self.num_batches_tracked, groups, self.window,
-                self.warmup_iters, self.renorm_iters, self.r_max, self.momentum, self.eps)
-        args = (x, self.weight, self.bias, chi2_bar, r, use_sma, self.ring_gz, t0, self.window, self.eps)
-        return ops.normalize_op(*args) if compiling else ops.MABNNormalize.apply(*args)
+                x.detach(), ring_x2, self.running_var, self.num_batches_tracked, groups, self.window,
+                self.warmup_iters, self.renorm_iters, self.r_max, self.momentum, self.eps,
+                self.forward_stat == "sma", ema, self.renorm)
+        args = (x, self.weight, self.bias, chi2_bar, r, use_sma, ring_gz, t0, self.window, self.eps,
+                self.backward_stat == "sma", ema)
+        if compiling:
+            return ops.normalize_op(*args)
+        sink = self.used_stats
+        if sink is not None:  # a tracer asked: references to what this call uses, filled in by the backward
+            sink.clear()
+            sink.update(chi2_bar=chi2_bar, r=r)
+        return ops.MABNNormalize.apply(*args, sink)

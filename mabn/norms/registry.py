@@ -83,22 +83,36 @@ class _Entry:
     defaults: Mapping[str, Any]
     batch_dependent: bool
     foldable: bool
+    switches: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
 def register_norm(name: str, *, types: tuple[type, ...], defaults: Mapping[str, Any], batch_dependent: bool,
-                  foldable: bool):
-    """Decorator registering ``builder(params, context) -> NormRecipe`` under ``name``."""
+                  foldable: bool, switches: tuple[str, ...] = ()):
+    """Decorator registering ``builder(params, context) -> NormRecipe`` under ``name``.
+
+    ``switches``: the hyper-parameters that make another variant of the method (ablations), not another
+    setting of it; results tables name a run's non-default switches in its row (``norm_variant``)."""
 
     def deco(builder):
         if name in _REGISTRY:
             raise ValueError(f"norm {name!r} is already registered")
-        _REGISTRY[name] = _Entry(builder, types, dict(defaults), batch_dependent, foldable)
+        _REGISTRY[name] = _Entry(builder, types, dict(defaults), batch_dependent, foldable, tuple(switches))
         return builder
 
     return deco
+
+
+def norm_variant(name: str, params: Mapping[str, Any] | None) -> str:
+    """The non-default switches of a run's norm params, e.g. ``"backward_stat=batch, renorm=false"``;
+    "" for the method as published (and for params recorded before a switch existed, or unknown norms)."""
+    entry = _REGISTRY.get(name)
+    if entry is None or not params:
+        return ""
+    changed = [(k, params[k]) for k in entry.switches if k in params and params[k] != entry.defaults[k]]
+    return ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changed)
 
 
 def registered_norms() -> tuple[str, ...]:
@@ -180,6 +194,10 @@ _VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "r_max": (lambda v: _number(v) and v >= 1, "a number >= 1"),
     "d_max": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "weight_centering": (lambda v: isinstance(v, bool), "true or false"),
+    "forward_stat": (lambda v: v in ("sma", "batch"), "one of sma, batch"),
+    "backward_stat": (lambda v: v in ("sma", "batch"), "one of sma, batch"),
+    "average": (lambda v: v in ("sma", "ema"), "one of sma, ema"),
+    "renorm": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -268,17 +286,20 @@ def _build_brn(p: dict, ctx: NormContext) -> NormRecipe:
 SIMULATED_BATCH = 32  # MABN's default window is simulated batch / n (paper: n = 2 -> m = 16)
 
 
+MABN_SWITCHES = {"forward_stat": "sma", "backward_stat": "sma", "average": "sma", "renorm": True}
+
+
 @register_norm("mabn", types=(MABN2d,),
                defaults={"window": None, "eps": 1e-5, "momentum": 0.02, "warmup_iters": 100,
-                         "renorm_iters": 1000, "r_max": 5.0, "weight_centering": True},
-               batch_dependent=True, foldable=True)
+                         "renorm_iters": 1000, "r_max": 5.0, "weight_centering": True, **MABN_SWITCHES},
+               batch_dependent=True, foldable=True, switches=(*MABN_SWITCHES, "weight_centering"))
 def _build_mabn(p: dict, ctx: NormContext) -> NormRecipe:
     n = ctx.norm_batch or ctx.device_batch
     window = p["window"] if p["window"] is not None else max(1, SIMULATED_BATCH // n) if n else 16
     ctor = functools.partial(
         MABN2d, window=window, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"],
         warmup_iters=_iters(p["warmup_iters"], ctx), renorm_iters=_iters(p["renorm_iters"], ctx),
-        r_max=p["r_max"])
+        r_max=p["r_max"], **{k: p[k] for k in MABN_SWITCHES})
     return NormRecipe("mabn", ctor, weight_centering=bool(p["weight_centering"]), batch_dependent=True,
                       params={**p, "window": window})
 
