@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import _fused
 from . import _mabn_ops as ops
 from ._common import (
     check_group_size,
@@ -36,8 +37,9 @@ class MABN2d(nn.Module):
 
     def __init__(self, num_features: int, *, window: int = 16, group_size: int | None = None,
                  eps: float = 1e-5, momentum: float = 0.02, warmup_iters: int = 100,
-                 renorm_iters: int = 1000, r_max: float = 5.0):
+                 renorm_iters: int = 1000, r_max: float = 5.0, impl: str = "auto"):
         super().__init__()
+        self.impl = _fused.check_impl(impl)
         check_positive("num_features", num_features, integer=True)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1 (normalization batches in the moving average), got {window!r}")
@@ -77,6 +79,12 @@ class MABN2d(nn.Module):
             shape = (1, -1) + (1,) * (x.dim() - 2)
             return torch.addcmul(shift.view(shape).to(dt), x.to(dt), scale.view(shape).to(dt)).to(x.dtype)
         groups, _ = num_groups(x.shape[0], self.group_size)
+        tensors = [self.weight, self.bias, self.running_var, self.ring_x2, self.ring_gz]
+        if _fused.use_fused(self.impl, x, tensors, type(self).__name__):
+            hp = (self.window, self.warmup_iters, max(self.renorm_iters, self.warmup_iters), self.r_max,
+                  self.momentum, self.eps)
+            return _fused.FusedMABN.apply(x, self.weight, self.bias, self.ring_x2, self.running_var,
+                                          self.num_batches_tracked, self.ring_gz, groups, hp)
         # under torch.compile: the same kernels as ops that declare the buffers they write (see _mabn_ops)
         compiling = torch.compiler.is_compiling()
         with torch.no_grad():
