@@ -132,7 +132,8 @@ def _empties(groups: int, c: int, device, k: int) -> list[Tensor]:
     return [torch.empty(groups, c, device=device, dtype=torch.float32) for _ in range(k)]
 
 
-STATE_BLOCK_C = 32  # channels per program of the state and gradient-statistics kernels
+STATE_BLOCK_C = 32  # channels per program of the state and gradient-statistics kernels: one warp, one
+STATE_WARPS = 1  # channel per thread, so no replicated thread reads a value another one has rewritten
 
 
 class FusedCentred(torch.autograd.Function):
@@ -149,7 +150,7 @@ class FusedCentred(torch.autograd.Function):
         _launch(kernels().centred_state_kernel, (triton_cdiv(c, STATE_BLOCK_C),), mean, var, running_mean,
                 running_var, counter, t0, weight, bias, k, shift, inv, r, d, groups, c, count / (count - 1),
                 momentum, eps, r_max, d_max, warmup, max(r_end - warmup, 1), max(d_end - warmup, 1),
-                RENORM=renorm is not None, BLOCK_C=STATE_BLOCK_C)
+                RENORM=renorm is not None, BLOCK_C=STATE_BLOCK_C, num_warps=STATE_WARPS)
         y = torch.empty_like(x)
         _affine(_as3d(y), x3, None, mean, k, None, shift, groups)
         ctx.save_for_backward(x, weight, mean, k, inv, r, d)
@@ -163,12 +164,13 @@ class FusedCentred(torch.autograd.Function):
         x3, dy3, groups, c = _as3d(x), _dy3(dy), ctx.groups, x.shape[1]
         s1, s2 = _grad_stats(dy3, x3, mean, groups)
         dw, db = torch.empty_like(weight), torch.empty_like(weight)
+        c0, b2 = _empties(groups, c, x.device, 2)
         _launch(kernels().centred_grad_kernel, (triton_cdiv(c, STATE_BLOCK_C),), s1, s2, k, inv, r, d, dw, db,
-                groups, c, float(ctx.count), BLOCK_C=STATE_BLOCK_C)
+                c0, b2, groups, c, float(ctx.count), BLOCK_C=STATE_BLOCK_C, num_warps=STATE_WARPS)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
-            _affine(_as3d(dx), x3, dy3, mean, s2, k, s1, groups)
+            _affine(_as3d(dx), x3, dy3, mean, b2, k, c0, groups)
         grads = (dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None)
         return dx, *grads, None, None, None, None, None, None, None
 
@@ -184,8 +186,8 @@ class FusedMABN(torch.autograd.Function):
         chi2, _, t0 = _stats(x3, groups, counter, False)
         k, shift, inv, r = _empties(groups, c, x.device, 4)
         _launch(kernels().mabn_state_kernel, (triton_cdiv(c, STATE_BLOCK_C),), chi2, ring_x2, running_var,
-                counter, t0, weight, bias, k, shift, inv, r, groups, c, window, warmup, r_after, r_max,
-                momentum, eps, BLOCK_C=STATE_BLOCK_C)
+                counter, t0, weight, bias, k, shift, inv, r, groups, c, window, max(groups - window, 0), warmup,
+                r_after, r_max, momentum, eps, BLOCK_C=STATE_BLOCK_C, num_warps=STATE_WARPS)
         y = torch.empty_like(x)
         _affine(_as3d(y), x3, None, None, k, None, shift, groups)
         ctx.save_for_backward(x, weight, k, inv, r, t0)
@@ -202,7 +204,8 @@ class FusedMABN(torch.autograd.Function):
         dw, db = torch.empty_like(weight), torch.empty_like(weight)
         count = float(x3.shape[0] // groups * x3.shape[2])
         _launch(kernels().mabn_grad_kernel, (triton_cdiv(c, STATE_BLOCK_C),), s1, dot, psi, k, inv, r, weight,
-                ctx.ring_gz, t0, dw, db, groups, c, count, ctx.window, ctx.warmup, BLOCK_C=STATE_BLOCK_C)
+                ctx.ring_gz, t0, dw, db, groups, c, count, ctx.window, max(groups - ctx.window, 0), ctx.warmup,
+                BLOCK_C=STATE_BLOCK_C, num_warps=STATE_WARPS)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)

@@ -109,10 +109,9 @@ def _window_mean(ring_ptr, new_ptr, g, t0, c, C, window):
 
 
 @triton.jit
-def _push_ring(ring_ptr, new_ptr, t0, G, c, C, window):
-    """Write the last min(G, window) new values into their slots (t mod window); reads are done."""
+def _push_ring(ring_ptr, new_ptr, t0, start, G, c, C, window):
+    """Write new values start..G-1 (the last min(G, window)) into their slots (t mod window); reads are done."""
     tl.debug_barrier()
-    start = tl.maximum(G - window, 0)
     for g in range(start, G):
         val = tl.load(new_ptr + g * C + c, mask=c < C)
         tl.store(ring_ptr + ((t0 + 1 + g) % window) * C + c, val, mask=c < C)
@@ -120,7 +119,7 @@ def _push_ring(ring_ptr, new_ptr, t0, G, c, C, window):
 
 @triton.jit
 def mabn_state_kernel(chi2_ptr, ring_ptr, rv_ptr, cnt_ptr, t0_ptr, w_ptr, b_ptr, k_ptr, shift_ptr, inv_ptr,
-                      r_ptr, G, C, window, warmup, r_after, r_max, momentum, eps, BLOCK_C: tl.constexpr):
+                      r_ptr, G, C, window, ring_start, warmup, r_after, r_max, momentum, eps, BLOCK_C: tl.constexpr):
     """MABN forward state (Yan et al. 2020, Alg. 1, G groups in order): χ̄², r, v; k = γ·r/√(χ̄²+ε)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -142,15 +141,18 @@ def mabn_state_kernel(chi2_ptr, ring_ptr, rv_ptr, cnt_ptr, t0_ptr, w_ptr, b_ptr,
         tl.store(shift_ptr + g * C + c, beta, mask=cm)
         v = (1.0 - momentum) * v + momentum * bar
     tl.store(rv_ptr + c, v, mask=cm)
-    _push_ring(ring_ptr, chi2_ptr, t0, G, c, C, window)
+    _push_ring(ring_ptr, chi2_ptr, t0, ring_start, G, c, C, window)
     if tl.program_id(0) == 0:
         tl.store(cnt_ptr, t0 + G)
 
 
 @triton.jit
 def mabn_grad_kernel(s1_ptr, dot_ptr, psi_ptr, k_ptr, inv_ptr, r_ptr, w_ptr, ring_ptr, t0_ptr, dw_ptr, db_ptr,
-                     G, C, count, window, warmup, BLOCK_C: tl.constexpr):
-    """MABN backward statistics (Alg. 2): Ψ into ring_gz, Ψ̄, dγ, dβ; dot_ptr becomes −s²·Ψ̄ (dx's x term)."""
+                     G, C, count, window, ring_start, warmup, BLOCK_C: tl.constexpr):
+    """MABN backward statistics (Alg. 2): Ψ into ring_gz, Ψ̄, dγ, dβ; dot_ptr becomes −s²·Ψ̄ (dx's x term).
+
+    Each Σdy·x is read (first loop) before its slot is overwritten (second loop), a barrier between.
+    """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     t0 = tl.load(t0_ptr)
@@ -174,7 +176,7 @@ def mabn_grad_kernel(s1_ptr, dot_ptr, psi_ptr, k_ptr, inv_ptr, r_ptr, w_ptr, rin
         bar = tl.where((t > window) & (t >= warmup), sma, psi)
         inv = tl.load(inv_ptr + g * C + c, mask=cm, other=0.0)
         tl.store(dot_ptr + g * C + c, -inv * inv * bar, mask=cm)
-    _push_ring(ring_ptr, psi_ptr, t0, G, c, C, window)
+    _push_ring(ring_ptr, psi_ptr, t0, ring_start, G, c, C, window)
 
 
 @triton.jit
@@ -218,9 +220,9 @@ def centred_state_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, cnt_ptr, t0_ptr, w_p
 
 
 @triton.jit
-def centred_grad_kernel(s1_ptr, s2_ptr, k_ptr, inv_ptr, r_ptr, d_ptr, dw_ptr, db_ptr, G, C, count,
-                        BLOCK_C: tl.constexpr):
-    """BN / BRN backward statistics: dγ, dβ; s1 becomes −k·Σdy/N and s2 −k·s·Σdy·x̂/N (dx's terms)."""
+def centred_grad_kernel(s1_ptr, s2_ptr, k_ptr, inv_ptr, r_ptr, d_ptr, dw_ptr, db_ptr, c0_ptr, b2_ptr, G, C,
+                        count, BLOCK_C: tl.constexpr):
+    """BN / BRN backward statistics: dγ, dβ, and dx's terms c0 = −k·Σdy/N, b2 = −k·s·Σdy·x̂/N."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     dw = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -233,7 +235,7 @@ def centred_grad_kernel(s1_ptr, s2_ptr, k_ptr, inv_ptr, r_ptr, d_ptr, dw_ptr, db
         dw += tl.load(r_ptr + g * C + c, mask=cm, other=0.0) * s2 + tl.load(d_ptr + g * C + c, mask=cm,
                                                                             other=0.0) * s1
         db += s1
-        tl.store(s1_ptr + g * C + c, -k * s1 / count, mask=cm)
-        tl.store(s2_ptr + g * C + c, -k * inv * s2 / count, mask=cm)
+        tl.store(c0_ptr + g * C + c, -k * s1 / count, mask=cm)
+        tl.store(b2_ptr + g * C + c, -k * inv * s2 / count, mask=cm)
     tl.store(dw_ptr + c, dw.to(dw_ptr.dtype.element_ty), mask=cm)
     tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=cm)

@@ -24,7 +24,8 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     One call on G·n samples equals G consecutive calls on the slices of n samples (same outputs, gradients
     and final running statistics; DESIGN.md's grouped contract). ``group_size=None`` is plain BatchNorm2d.
-    State-dict keys are those of ``nn.BatchNorm2d``, so torchvision checkpoints load unchanged.
+    State-dict keys are those of ``nn.BatchNorm2d``, so torchvision checkpoints load unchanged. ``impl`` picks
+    the fused Triton path (affine layers with running statistics) or the PyTorch one, as in ``MABN2d``.
     """
 
     def __init__(self, num_features: int, *, group_size: int | None = None, eps: float = 1e-5,

@@ -78,6 +78,7 @@ class BatchRenorm2d(nn.Module):
     (r_max = 1, d_max = 0) for the first ``warmup_iters``, then r_max ramps linearly to ``r_max`` by
     ``r_max_iters`` and d_max to ``d_max`` by ``d_max_iters``. Running statistics follow BatchNorm's update
     (unbiased variance), so with r_max = 1, d_max = 0 training equals BatchNorm exactly. Eval is BatchNorm's.
+    ``impl`` picks the fused Triton path or the PyTorch reference, as in ``MABN2d``.
     """
 
     def __init__(self, num_features: int, *, group_size: int | None = None, eps: float = 1e-5,

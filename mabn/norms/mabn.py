@@ -32,7 +32,8 @@ class MABN2d(nn.Module):
     statistic of batch t in slot t mod window, ``num_batches_tracked`` (t of the last batch seen).
     ``ring_gz`` is written by the backward: a training-mode forward that never gets one (e.g. under
     ``torch.no_grad``) advances the counter and ``ring_x2`` but leaves its Ψ slot as it was, as the official
-    layer does.
+    layer does. ``impl``: "auto" (fused Triton kernels for float32/bf16/fp16 CUDA training calls, see
+    ``_fused``), "fused" or "torch" (the reference; always used under torch.compile, on CPU and for float64).
     """
 
     def __init__(self, num_features: int, *, window: int = 16, group_size: int | None = None,
