@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _fused
 from ._centred import centred_norm
 from ._common import (
     check_group_size,
@@ -23,12 +24,14 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     One call on G·n samples equals G consecutive calls on the slices of n samples (same outputs, gradients
     and final running statistics; DESIGN.md's grouped contract). ``group_size=None`` is plain BatchNorm2d.
-    State-dict keys are those of ``nn.BatchNorm2d``, so torchvision checkpoints load unchanged.
+    State-dict keys are those of ``nn.BatchNorm2d``, so torchvision checkpoints load unchanged. ``impl`` picks
+    the fused Triton path (affine layers with running statistics) or the PyTorch one, as in ``MABN2d``.
     """
 
     def __init__(self, num_features: int, *, group_size: int | None = None, eps: float = 1e-5,
-                 momentum: float = 0.1, affine: bool = True):
+                 momentum: float = 0.1, affine: bool = True, impl: str = "auto"):
         super().__init__(num_features, eps=eps, momentum=check_momentum(momentum), affine=affine)
+        self.impl = _fused.check_impl(impl)
         self.group_size = check_group_size(group_size)
 
     def extra_repr(self) -> str:
@@ -47,9 +50,21 @@ class BatchNorm2d(nn.BatchNorm2d):
                 f"BatchNorm needs more than 1 value per channel in a normalization batch, got group of "
                 f"{n} sample(s) of spatial size {tuple(x.shape[2:])}"
             )
+        if self._fused(x):
+            return _fused.FusedCentred.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                             self.num_batches_tracked, groups, self.eps, self.momentum, None)
         if groups == 1:
             return super().forward(x)
         return self._grouped_forward(x, groups, n)
+
+    def _fused(self, x: Tensor) -> bool:
+        """Whether this training call takes the fused path (``impl``; affine with running statistics only)."""
+        if not (self.affine and self.track_running_stats):
+            if self.impl == "fused" and not torch.compiler.is_compiling():
+                raise ValueError("BatchNorm2d(impl='fused') needs affine=True and track_running_stats=True")
+            return False
+        tensors = [self.weight, self.bias, self.running_mean, self.running_var]
+        return _fused.use_fused(self.impl, x, tensors, type(self).__name__)
 
     def _grouped_forward(self, x: Tensor, groups: int, n: int) -> Tensor:
         # Each group of n consecutive samples is normalized by its own statistics in one call (closed-form

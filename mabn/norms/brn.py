@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import _fused
 from ._centred import centred_norm
 from ._common import (
     check_group_size,
@@ -77,12 +78,14 @@ class BatchRenorm2d(nn.Module):
     (r_max = 1, d_max = 0) for the first ``warmup_iters``, then r_max ramps linearly to ``r_max`` by
     ``r_max_iters`` and d_max to ``d_max`` by ``d_max_iters``. Running statistics follow BatchNorm's update
     (unbiased variance), so with r_max = 1, d_max = 0 training equals BatchNorm exactly. Eval is BatchNorm's.
+    ``impl`` picks the fused Triton path or the PyTorch reference, as in ``MABN2d``.
     """
 
     def __init__(self, num_features: int, *, group_size: int | None = None, eps: float = 1e-5,
                  momentum: float = 0.1, r_max: float = 3.0, d_max: float = 5.0, warmup_iters: int = 5000,
-                 r_max_iters: int = 40000, d_max_iters: int = 25000):
+                 r_max_iters: int = 40000, d_max_iters: int = 25000, impl: str = "auto"):
         super().__init__()
+        self.impl = _fused.check_impl(impl)
         self.num_features = num_features
         self.group_size = check_group_size(group_size)
         self.eps = check_positive("eps", eps)
@@ -128,6 +131,11 @@ class BatchRenorm2d(nn.Module):
             raise ValueError(f"BatchRenorm2d needs more than 1 value per channel in a normalization batch, "
                              f"got a group of {n} sample(s) of spatial size {tuple(x.shape[2:])}")
 
+        tensors = [self.weight, self.bias, self.running_mean, self.running_var]
+        if _fused.use_fused(self.impl, x, tensors, type(self).__name__):
+            sched = (self.r_max, self.d_max, self.warmup_iters, self.r_max_iters, self.d_max_iters)
+            return _fused.FusedCentred.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                             self.num_batches_tracked, groups, self.eps, self.momentum, sched)
         # under torch.compile: the state update as an op declaring the buffers it writes (renorm_state_op)
         state = renorm_state_op if torch.compiler.is_compiling() else renorm_state
         limits = (self.r_max, self.d_max, self.warmup_iters, self.r_max_iters, self.d_max_iters)

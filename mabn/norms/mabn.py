@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import _fused
 from . import _mabn_ops as ops
 from ._common import (
     check_group_size,
@@ -31,14 +32,16 @@ class MABN2d(nn.Module):
     statistic of batch t in slot t mod window, ``num_batches_tracked`` (t of the last batch seen).
     ``ring_gz`` is written by the backward: a training-mode forward that never gets one (e.g. under
     ``torch.no_grad``) advances the counter and ``ring_x2`` but leaves its Ψ slot as it was, as the official
-    layer does.
+    layer does. ``impl``: "auto" (fused Triton kernels for float32/bf16/fp16 CUDA training calls of the
+    official layer, see ``_fused``), "fused" or "torch" (the reference; always used under torch.compile, on
+    CPU, for float64, with an ablation switch off its default and on a step a tracer records).
 
     Ablation switches (defaults: the official layer): ``forward_stat`` / ``backward_stat`` ``"batch"``
     normalizes by χ²_t / uses Ψ_t of the current normalization batch only (the average is still kept);
     ``average="ema"`` replaces both SMAs by EMAs of the same centre of mass, α = 2/(window+1), seeded with
     the first batch's statistic, kept in ``ema_x2`` and ``ema_gz`` (C,) instead of the rings (the default
     layer's state dict is unchanged); ``renorm=False`` keeps r ≡ 1. ``uses_default_statistics`` is False
-    when any switch is off its default (a fused path without the ablations falls back on this one).
+    when any switch is off its default (the fused path, which has no ablations, falls back on this one).
     """
 
     SWITCHES = {"forward_stat": ("sma", "batch"), "backward_stat": ("sma", "batch"), "average": ("sma", "ema")}
@@ -47,8 +50,9 @@ class MABN2d(nn.Module):
     def __init__(self, num_features: int, *, window: int = 16, group_size: int | None = None,
                  eps: float = 1e-5, momentum: float = 0.02, warmup_iters: int = 100,
                  renorm_iters: int = 1000, r_max: float = 5.0, forward_stat: str = "sma",
-                 backward_stat: str = "sma", average: str = "sma", renorm: bool = True):
+                 backward_stat: str = "sma", average: str = "sma", renorm: bool = True, impl: str = "auto"):
         super().__init__()
+        self.impl = _fused.check_impl(impl)
         check_positive("num_features", num_features, integer=True)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1 (normalization batches in the moving average), got {window!r}")
@@ -117,6 +121,14 @@ class MABN2d(nn.Module):
             shape = (1, -1) + (1,) * (x.dim() - 2)
             return torch.addcmul(shift.view(shape).to(dt), x.to(dt), scale.view(shape).to(dt)).to(x.dtype)
         groups, _ = num_groups(x.shape[0], self.group_size)
+        official = self.uses_default_statistics and self.used_stats is None
+        tensors = [self.weight, self.bias, self.running_var, *self._averages()]
+        if _fused.use_fused(self.impl, x, tensors, type(self).__name__,
+                            None if official else "the ablation switches or a step a tracer records"):
+            hp = (self.window, self.warmup_iters, max(self.renorm_iters, self.warmup_iters), self.r_max,
+                  self.momentum, self.eps)
+            return _fused.FusedMABN.apply(x, self.weight, self.bias, self.ring_x2, self.running_var,
+                                          self.num_batches_tracked, self.ring_gz, groups, hp)
         # under torch.compile: the same kernels as ops that declare the buffers they write (see _mabn_ops)
         compiling = torch.compiler.is_compiling()
         ring_x2, ring_gz = self._averages()

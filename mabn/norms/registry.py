@@ -198,6 +198,7 @@ _VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "backward_stat": (lambda v: v in ("sma", "batch"), "one of sma, batch"),
     "average": (lambda v: v in ("sma", "ema"), "one of sma, ema"),
     "renorm": (lambda v: isinstance(v, bool), "true or false"),
+    "impl": (lambda v: v in ("auto", "fused", "torch"), "auto, fused or torch"),
 }
 
 
@@ -221,10 +222,11 @@ def _iters(value: int, ctx: NormContext, scale: float = 1.0) -> int:
     return int(round(value * scale)) * ctx.groups_per_step
 
 
-@register_norm("bn", types=(BatchNorm2d, nn.BatchNorm2d), defaults={"eps": 1e-5, "momentum": 0.1},
-               batch_dependent=True, foldable=True)
+@register_norm("bn", types=(BatchNorm2d, nn.BatchNorm2d),
+               defaults={"eps": 1e-5, "momentum": 0.1, "impl": "auto"}, batch_dependent=True, foldable=True)
 def _build_bn(p: dict, ctx: NormContext) -> NormRecipe:
-    ctor = functools.partial(BatchNorm2d, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"])
+    ctor = functools.partial(BatchNorm2d, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"],
+                             impl=p["impl"])
     return NormRecipe("bn", ctor, batch_dependent=True, params=p)
 
 
@@ -268,7 +270,8 @@ def _build_frn(p: dict, ctx: NormContext) -> NormRecipe:
 
 @register_norm("brn", types=(BatchRenorm2d,),
                defaults={"eps": 1e-5, "momentum": 0.1, "r_max": 3.0, "d_max": 5.0, "warmup_iters": 5000,
-                         "r_max_iters": 40000, "d_max_iters": 25000, "schedule_ref_iters": None},
+                         "r_max_iters": 40000, "d_max_iters": 25000, "schedule_ref_iters": None,
+                         "impl": "auto"},
                batch_dependent=True, foldable=True)
 def _build_brn(p: dict, ctx: NormContext) -> NormRecipe:
     # Schedule lengths are given in training iterations (as in Ioffe 2017); with schedule_ref_iters set they
@@ -279,7 +282,8 @@ def _build_brn(p: dict, ctx: NormContext) -> NormRecipe:
     ctor = functools.partial(
         BatchRenorm2d, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"], r_max=p["r_max"],
         d_max=p["d_max"], warmup_iters=_iters(p["warmup_iters"], ctx, scale),
-        r_max_iters=_iters(p["r_max_iters"], ctx, scale), d_max_iters=_iters(p["d_max_iters"], ctx, scale))
+        r_max_iters=_iters(p["r_max_iters"], ctx, scale), d_max_iters=_iters(p["d_max_iters"], ctx, scale),
+        impl=p["impl"])
     return NormRecipe("brn", ctor, batch_dependent=True, params=p)
 
 
@@ -291,7 +295,8 @@ MABN_SWITCHES = {"forward_stat": "sma", "backward_stat": "sma", "average": "sma"
 
 @register_norm("mabn", types=(MABN2d,),
                defaults={"window": None, "eps": 1e-5, "momentum": 0.02, "warmup_iters": 100,
-                         "renorm_iters": 1000, "r_max": 5.0, "weight_centering": True, **MABN_SWITCHES},
+                         "renorm_iters": 1000, "r_max": 5.0, "weight_centering": True, **MABN_SWITCHES,
+                         "impl": "auto"},
                batch_dependent=True, foldable=True, switches=(*MABN_SWITCHES, "weight_centering"))
 def _build_mabn(p: dict, ctx: NormContext) -> NormRecipe:
     n = ctx.norm_batch or ctx.device_batch
@@ -299,7 +304,7 @@ def _build_mabn(p: dict, ctx: NormContext) -> NormRecipe:
     ctor = functools.partial(
         MABN2d, window=window, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"],
         warmup_iters=_iters(p["warmup_iters"], ctx), renorm_iters=_iters(p["renorm_iters"], ctx),
-        r_max=p["r_max"], **{k: p[k] for k in MABN_SWITCHES})
+        r_max=p["r_max"], impl=p["impl"], **{k: p[k] for k in MABN_SWITCHES})
     return NormRecipe("mabn", ctor, weight_centering=bool(p["weight_centering"]), batch_dependent=True,
                       params={**p, "window": window})
 
