@@ -147,7 +147,7 @@ def _build(cfg: DictConfig, plan: BatchPlan, max_iter: int, lr: float, device: t
     options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     try:
         model = build_mask_rcnn(recipe, num_classes=cfg.data.num_classes, **options).to(device)
-    except ValueError as err:  # ImageNet weights that do not fit this backbone (another norm, no centring)
+    except ValueError as err:  # ImageNet weights that do not fit this backbone (another norm, no centering)
         raise ConfigError(f"model.weights={cfg.model.weights}: {err}") from err
     return model, build_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True), lr), recipe
 

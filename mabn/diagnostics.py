@@ -33,7 +33,8 @@ from .records import truncate_jsonl
 @torch.no_grad()
 def estimation_shift(model: nn.Module, batches, device: torch.device) -> list[dict]:
     """Per batch-dependent norm layer, with its depth among all norm layers (registration order, which is
-    forward order for the registry's ResNets: stem, blocks, a block's shortcut last): the distance between its running statistics and
+    forward order for the registry's ResNets: stem, blocks, a block's shortcut last): the distance between
+    its running statistics and
     those recomputed over ``batches`` with the model's weights (the model itself is left unchanged).
 
     ``mean_l2``/``var_l2``: ‖running − recomputed‖₂ over channels (the paper's measure); ``mean_rel``: mean

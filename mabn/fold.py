@@ -48,7 +48,7 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
 def fold_norms(model: nn.Module, *, inplace: bool = False, return_report: bool = False):
     """Fold every foldable norm that directly follows a conv into that conv's weight and bias.
 
-    Weight-centring parametrizations are baked first (the folded weight is the centred one); those of convs
+    Weight-centering parametrizations are baked first (the folded weight is the centered one); those of convs
     feeding a norm that stays (weight standardization for GN+WS) are baked too. Norms that
     cannot fold (gn, or a norm not fed by a conv) stay in the model and are reported, never dropped. Returns
     the folded model (a copy unless ``inplace``), and the FoldReport when ``return_report``.

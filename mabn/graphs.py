@@ -5,7 +5,7 @@ a few samples is bound by kernel launches, not arithmetic.
 What makes the whole step capturable, and the same as eager:
 
 - the norms never synchronise and write their state (counters, rings, running statistics) in place with
-  tensor ops (DESIGN.md), so a replay advances them exactly as an eager step does;
+  tensor ops (no host sync on the training path), so a replay advances them exactly as an eager step does;
 - the lr is a device tensor per parameter group read by the fused SGD kernel; the scheduler fills it between
   replays (``LRScheduler`` fills a tensor lr in place). A Python float lr would be baked into the graph, and
   the foreach/for-loop SGD paths turn a tensor lr into a host scalar (a sync);

@@ -3,7 +3,8 @@
 Outside submitit (torchrun, plain ``srun``/``sbatch``, a terminal) SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT;
 a second one interrupts at once) stop the run after a checkpoint with exit code 143; scripts/sbatch/
 train.sbatch then requeues the job. These signals often reach the whole process group, loader workers
-included: the workers ignore them (``mabn.data.loaders.ignore_stop_signals``) and the main process decides. Inside a submitit job
+included: the workers ignore them (``mabn.data.loaders.ignore_stop_signals``) and the main process decides.
+Inside a submitit job
 (hydra-submitit-launcher) submitit owns the signals: it ignores SIGTERM on purpose and requeues on its
 preemption signal (SUBMITIT_PREEMPT_SIGNAL, USR2 by default) by resubmitting the same Hydra job. Here that
 signal is caught first, the run checkpoints at the next step, and only then is the signal handed to

@@ -91,7 +91,8 @@ class RunRecorder:
 
             id_file = self.run_dir / "wandb_id.txt"  # a stable id: a resumed run appends to the same wandb run
             if not id_file.exists():
-                id_file.write_text("".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8)) + "\n")
+                alphabet = string.ascii_lowercase + string.digits
+                id_file.write_text("".join(secrets.choice(alphabet) for _ in range(8)) + "\n")
             self.wandb_id = id_file.read_text().strip()
             self.wandb = wandb.init(project=wandb_cfg.get("project", "mabn"), entity=wandb_cfg.get("entity"),
                                     id=self.wandb_id, resume="allow", dir=str(self.run_dir), mode=mode,

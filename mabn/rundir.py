@@ -91,7 +91,8 @@ def claim(run_dir: Path, cfg: dict, *, has_checkpoint: bool, resume: bool, overw
         owner = json.loads(owner_file.read_text())["identity"] if owner_file.exists() else \
             identity(checkpoint_config) if checkpoint_config is not None else None
         if owner is None:
-            raise ConfigError(f"run.dir={run_dir} holds files of an unknown run ({', '.join(p.name for p in files[:4])}); "
+            names = ", ".join(p.name for p in files[:4])
+            raise ConfigError(f"run.dir={run_dir} holds files of an unknown run ({names}); "
                               f"choose another run.name or run.dir, or set run.overwrite=true to delete them")
         if owner != me:
             raise ConfigError(f"run.dir={run_dir} holds another run ({'; '.join(differences(owner, me)[:4])}); "

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     failed = []
     for name in registered_norms():
         start = time.perf_counter()
-        ctx = NormContext(device_batch=device_batch) if name == "syncbn" else NormContext(norm_batch=n, device_batch=device_batch)
+        ctx = NormContext(device_batch=device_batch) if name == "syncbn" else \
+            NormContext(norm_batch=n, device_batch=device_batch)
         recipe = build_norm(name, ctx)
         model = small_net(recipe.ctor)
         recipe.prepare(model)

@@ -34,7 +34,7 @@ CANDIDATES = (("bn", True), ("mabn", True), ("gn", False), ("bn", False))  # (no
 
 def build_eval_model(norm: str, folded: bool, model_name: str, device, channels_last: bool):
     recipe = build_norm(norm)
-    model = build_model(model_name, recipe, num_classes=1000, in_channels=3)  # with MABN's weight centring
+    model = build_model(model_name, recipe, num_classes=1000, in_channels=3)  # with MABN's weight centering
     model.eval()
     if folded:
         model, report = fold_norms(model, return_report=True)

@@ -45,7 +45,7 @@ NORMS = ("bn", "gn", "brn", "mabn")
 def build(norm: str, n: int, batch: int, model_name: str, device, channels_last: bool,
           capturable: bool = False):
     recipe = build_norm(norm, NormContext(norm_batch=n, device_batch=batch, total_iters=1))
-    model = build_model(model_name, recipe, num_classes=1000, in_channels=3)  # with MABN's weight centring
+    model = build_model(model_name, recipe, num_classes=1000, in_channels=3)  # with MABN's weight centering
     for m in model.modules():  # the steady state of a long run: warm-ups and ramps are over
         for attr in ("warmup_iters", "renorm_iters", "r_max_iters", "d_max_iters"):
             if hasattr(m, attr):

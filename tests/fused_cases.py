@@ -129,7 +129,7 @@ def launches(layer, x, dy, monkeypatch):
 
 @pytest.mark.parametrize("name", ["bn", "brn", "mabn"])
 def test_launch_budget(name, monkeypatch):
-    """DESIGN.md: at most 4 launches forward and 4 backward per layer on the fused path (state included)."""
+    """The launch budget: at most 4 forward and 4 backward per layer on the fused path, state included."""
     x, dy = batch((8, 8, 4, 4), 0, torch.float32, False)
     torch_fwd, torch_bwd = launches(make(name, "torch", group_size=2, channels=8), x, dy, monkeypatch)
     fwd, bwd = launches(make(name, "fused", group_size=2, channels=8), x, dy, monkeypatch)

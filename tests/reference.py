@@ -1,6 +1,6 @@
 """Independent float64 re-statements of the papers' sequential equations, one normalization batch at a time.
 
-Written from PAPERS.md / the MABN paper (Yan et al. 2020, Alg. 1-2) and Ioffe 2017 as plainly as possible:
+Written from the MABN paper (Yan et al. 2020, Alg. 1-2) and Ioffe 2017 as plainly as possible:
 Python loops, explicit ring buffers, hand-written backward. The layers under test share no code with this.
 """
 

@@ -10,7 +10,8 @@ from .reference import RefBRN, isclose_report
 
 
 def _randomize_affine(*layers):
-    w, b = torch.rand(layers[0].weight.shape, dtype=torch.float64) + 0.5, torch.randn(layers[0].bias.shape, dtype=torch.float64)
+    w = torch.rand(layers[0].weight.shape, dtype=torch.float64) + 0.5
+    b = torch.randn(layers[0].bias.shape, dtype=torch.float64)
     with torch.no_grad():
         for layer in layers:
             layer.weight.copy_(w)

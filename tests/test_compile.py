@@ -134,7 +134,7 @@ TRAIN_SCHEDULES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("norm", sorted(TRAIN_SCHEDULES))
 def test_train_compile_equals_eager(norm, tmp_path):
-    """train.compile=true end to end (weight-centred convs included): the same losses and top-1 as eager."""
+    """train.compile=true end to end (weight-centered convs included): the same losses and top-1 as eager."""
     root = make_fmnist_like(tmp_path / "fmnist")
     records = {}
     for mode in ("false", "true"):

@@ -111,7 +111,7 @@ def test_mabn_trains_one_step_then_reverts_to_plain_batchnorm(built):
     model = copy.deepcopy(original)
     report = convert_norms(model, {"name": "mabn", "warmup_iters": 0}, CTX)
     assert sum(isinstance(m, MABN2d) for m in model.modules()) == count
-    assert len(report.paired) == count and not report.unpaired  # every MABN's feeding conv is centred
+    assert len(report.paired) == count and not report.unpaired  # every MABN's feeding conv is centered
     assert report.converted[0].copied == ("weight", "bias", "running_var (+ running_mean²)")
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -77,9 +77,9 @@ def test_lazy_config_puts_the_norm_where_the_paper_does(name):
         else:
             assert type(norm) is expected, f"{site} has {type(norm).__name__}"
     assert not [m for m in model.proposal_generator.modules() if isinstance(m, norm_types())]  # RPN head
-    centred = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and is_centered(m)]
+    centered = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and is_centered(m)]
     mabn_count = sum(isinstance(n, MABN2d) for _, n in sites)
-    assert len(centred) == (mabn_count if name == "mabn" else 0)
+    assert len(centered) == (mabn_count if name == "mabn" else 0)
 
 
 def _yacs_cfg(norm, *, freeze_at=0):
@@ -121,8 +121,8 @@ def test_yacs_config_by_name():
     assert by_site["mask_head"] == {torch.nn.GroupNorm}
     stem = model.backbone.bottom_up.stem.conv1.norm
     assert stem.window == 8 and stem.r_max == 3.0  # window = 32 / n, hyper-parameter from the context
-    centred = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and is_centered(m)]
-    assert len(centred) == sum(isinstance(n, MABN2d) for _, n in _norm_sites(model))  # weight centring too
+    centered = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and is_centered(m)]
+    assert len(centered) == sum(isinstance(n, MABN2d) for _, n in _norm_sites(model))  # weight centering too
     ctor, recipe = mabn.d2.resolve_norm("MABN")  # outside a context: the registry defaults (window 16)
     assert ctor(16).window == 16 and recipe.name == "mabn"
     assert mabn.d2.resolve_norm("BN") == ("BN", None)  # detectron2's own name: not the project's
@@ -154,7 +154,7 @@ def test_yacs_frozen_stages_hold_no_live_batch_statistics():
     for frozen in (bottom_up.stem, bottom_up.res2):
         norms = [m for m in frozen.modules() if isinstance(m, (*norm_types(), D2FrozenBN))]
         assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)
-    assert is_centered(bottom_up.stem.conv1)  # centred before freezing, as build_mask_rcnn does
+    assert is_centered(bottom_up.stem.conv1)  # centered before freezing, as build_mask_rcnn does
     assert isinstance(bottom_up.res3[0].conv1.norm, MABN2d) and bottom_up.res3[0].conv1.weight.requires_grad
 
 
@@ -279,7 +279,7 @@ def test_frozen_copy_of_mabn_keeps_its_eval_map():
 def _imagenet_resnet50(name, tmp_path):
     """A train_imagenet.py-style ResNet-50 with non-trivial norm state, saved as its checkpoint format."""
     recipe = build_norm(name, NormContext(norm_batch=2, device_batch=4))
-    net = build_classifier("resnet50", recipe, num_classes=10)  # centres the convs feeding MABN
+    net = build_classifier("resnet50", recipe, num_classes=10)  # centers the convs feeding MABN
     net.train()
     for _ in range(3):
         net(torch.randn(4, 3, 64, 64)).sum().backward()

@@ -81,5 +81,6 @@ def test_imagenet_root_errors(tmp_path):
         check_imagenet_root(tmp_path)
     (tmp_path / "val" / "c").mkdir()
     assert check_imagenet_root(tmp_path, num_classes=3) == tmp_path
-    with pytest.raises(DataConfigError, match=r"data.num_classes=1000 but .* has 3 class folders; set data.num_classes=3"):
+    with pytest.raises(DataConfigError,
+                       match=r"data.num_classes=1000 but .* has 3 class folders; set data.num_classes=3"):
         check_imagenet_root(tmp_path, num_classes=1000)

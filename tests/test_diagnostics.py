@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("name", ["bn", "brn", "mabn"])
 def test_estimation_shift_zero_after_recompute_positive_before(name):
     recipe = build_norm(name, NormContext(norm_batch=2, device_batch=8))
-    model = build_model("cifar_resnet20", recipe, num_classes=10, in_channels=1, depth=8, width=8)  # centred
+    model = build_model("cifar_resnet20", recipe, num_classes=10, in_channels=1, depth=8, width=8)  # centered
     batches = [(torch.randn(8, 1, 12, 12) * 3 + 1, torch.zeros(8, dtype=torch.long)) for _ in range(4)]
     before = estimation_shift(model, batches, torch.device("cpu"))  # running stats still at their init
     assert len(before) == len([m for m in model.modules() if type(m) is type(recipe.ctor(4))])
@@ -101,7 +101,8 @@ def test_tracer_statistics_equal_hand_computed_values(name, tmp_path):
         mu = xk.mean(dim=(0, 2, 3))
         var = ((xk - mu.view(1, -1, 1, 1)) ** 2).mean(dim=(0, 2, 3))
         xhat = (xk - mu.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + norm.eps)
-        mus.append(mu), vars_.append(var), gs.append(gk.mean(dim=(0, 2, 3))), psis.append((gk * xhat).mean(dim=(0, 2, 3)))
+        mus.append(mu), vars_.append(var)
+        gs.append(gk.mean(dim=(0, 2, 3))), psis.append((gk * xhat).mean(dim=(0, 2, 3)))
     mu, var, g, psi = (torch.stack(v) for v in (mus, vars_, gs, psis))
     assert rec["iter"] == 7 and rec["n"] == 2 and rec["groups"] == 3 and rec["layer"] == "1"
     for key, value in (("mu", mu), ("var", var), ("g", g), ("psi", psi)):
@@ -169,7 +170,8 @@ def test_plot_batch_stats_medians_and_figures(tmp_path):
     bn, xbn = "bn cifar_resnet20", "bn cifar_resnet20_xbn"  # two models: each norm x model is its own curve
     assert table[(bn, 2)]["mu_dev"] == 8.0 and table[(bn, 32)]["var_dev"] == 1.0  # medians over steps, layers
     assert table[(bn, 2)]["layers"][1]["g_dev"] == 4.0 and table[(xbn, 2)]["mu_dev"] == 6.0
-    for name in ("batch_stats_vs_n", "batch_stats_by_layer_bn_cifar_resnet20", "batch_stats_by_layer_mabn_cifar_resnet20",
+    for name in ("batch_stats_vs_n", "batch_stats_by_layer_bn_cifar_resnet20",
+                 "batch_stats_by_layer_mabn_cifar_resnet20",
                  "batch_stats_by_layer_bn_cifar_resnet20_xbn"):
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 1000 and (tmp_path / "out" / f"{name}.svg").exists()
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), str(tmp_path)],

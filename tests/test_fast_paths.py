@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mabn.norms import BatchNorm2d, BatchRenorm2d, MABN2d
-from mabn.norms._centred import centred_norm
+from mabn.norms._centered import centered_norm
 
 from .reference import isclose_report
 
@@ -23,7 +23,7 @@ def _layers(group_size):
 
 
 @pytest.mark.parametrize("groups", [1, 3])
-def test_centred_norm_gradcheck_with_constant_r_d(groups):
+def test_centered_norm_gradcheck_with_constant_r_d(groups):
     r = torch.rand(groups, 4, dtype=torch.float64) + 0.5
     d = torch.randn(groups, 4, dtype=torch.float64)
     x = (torch.randn(2 * groups, 4, 3, 3, dtype=torch.float64) * 2 + 1).requires_grad_(True)
@@ -31,7 +31,7 @@ def test_centred_norm_gradcheck_with_constant_r_d(groups):
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
 
     def f(x, w, b):
-        return centred_norm(x, w, b, groups, 1e-5, lambda mean, var: (r, d))[0]
+        return centered_norm(x, w, b, groups, 1e-5, lambda mean, var: (r, d))[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-7)
 
@@ -43,7 +43,7 @@ def test_centred_norm_gradcheck_with_constant_r_d(groups):
         xhat = (xg - mean) / torch.sqrt(var + 1e-5) * r.view(groups, 1, 4, 1) + d.view(groups, 1, 4, 1)
         return (xhat * w.view(1, 1, 4, 1) + b.view(1, 1, 4, 1)).view_as(x)
 
-    isclose_report(f(x, w, b), plain(x, w, b), "centred_norm output")
+    isclose_report(f(x, w, b), plain(x, w, b), "centered_norm output")
 
 
 @pytest.mark.parametrize("group_size", [None, 2])
@@ -84,7 +84,8 @@ def test_grouped_bn_without_affine():
     y = layer(x)
     y.square().sum().backward()
     xg = x.detach().view(2, 2, 4, 9)
-    expected = (xg - xg.mean(dim=(1, 3), keepdim=True)) / torch.sqrt(xg.var(dim=(1, 3), keepdim=True, correction=0) + 1e-5)
+    var = xg.var(dim=(1, 3), keepdim=True, correction=0)
+    expected = (xg - xg.mean(dim=(1, 3), keepdim=True)) / torch.sqrt(var + 1e-5)
     torch.testing.assert_close(y, expected.view_as(x), rtol=1e-5, atol=1e-5)
     assert torch.isfinite(x.grad).all()
 

@@ -111,7 +111,8 @@ def test_weights_made_nonfinite_by_a_step_never_reach_a_checkpoint(tmp_path, dat
     for path in _checkpoints(d):
         saved = torch.load(path, weights_only=False)
         assert saved["state"]["iter"] < bad if in_step else saved["state"]["iter"] <= bad
-        tensors = {**saved["model"], **{f"opt.{k}": v["momentum_buffer"] for k, v in saved["optimizer"]["state"].items()}}
+        momentum = {f"opt.{k}": v["momentum_buffer"] for k, v in saved["optimizer"]["state"].items()}
+        tensors = {**saved["model"], **momentum}
         for key, value in tensors.items():
             assert not value.is_floating_point() or torch.isfinite(value).all(), f"{path.name}: {key}"
     summary = json.loads((d / "summary.json").read_text())

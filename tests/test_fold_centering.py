@@ -1,4 +1,4 @@
-"""fold_norms (eval outputs unchanged, gn reported) and the weight-centred conv transform."""
+"""fold_norms (eval outputs unchanged, gn reported) and the weight-centered conv transform."""
 
 import copy
 
@@ -23,7 +23,8 @@ def _trained_resnet(name):
     if name == "frozenbn":  # give the frozen statistics something to fold
         for m in model.modules():
             if hasattr(m, "running_var") and not isinstance(m, nn.Linear):
-                m.running_var.uniform_(0.5, 2.0), m.running_mean.normal_(), m.weight.uniform_(0.5, 1.5), m.bias.normal_()
+                m.running_var.uniform_(0.5, 2.0), m.running_mean.normal_()
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     model.train()
     for _ in range(3):
@@ -75,7 +76,7 @@ def test_inplace_fold_bakes_centering():
 def test_centering_applies_to_convs_feeding_mabn_only():
     model = _trained_resnet("mabn")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert len(center_conv_weights(model)) == len(convs) == 20  # idempotent: already centred
+    assert len(center_conv_weights(model)) == len(convs) == 20  # idempotent: already centered
     for conv in convs:
         w = conv.weight
         torch.testing.assert_close(w.mean(dim=(1, 2, 3)), torch.zeros(w.shape[0]), atol=1e-6, rtol=0)
@@ -85,11 +86,11 @@ def test_centering_applies_to_convs_feeding_mabn_only():
     assert center_conv_weights(bn_model) == []
 
 
-def test_centred_conv_output_is_zero_mean():
+def test_centered_conv_output_is_zero_mean():
     conv = nn.Conv2d(3, 8, 3, bias=False)
     seq = nn.Sequential(conv, MABN2d(8))
     center_conv_weights(seq)
-    x = torch.randn(16, 3, 9, 9) + 2.0  # a large input mean: an uncentred conv output would carry it
+    x = torch.randn(16, 3, 9, 9) + 2.0  # a large input mean: an uncentered conv output would carry it
     out = conv(x)
     assert out.mean(dim=(0, 2, 3)).abs().max() < 0.1 * out.std()
 

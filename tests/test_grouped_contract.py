@@ -1,4 +1,4 @@
-"""DESIGN.md's grouped contract: one call on G·n samples == G consecutive forward/backward calls on n samples."""
+"""The grouped contract: one call on G·n samples == G consecutive forward/backward calls on n samples."""
 
 import copy
 import functools

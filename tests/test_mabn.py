@@ -133,7 +133,8 @@ def test_window_one_plain_equals_autograd():
         gw, gb = layer.weight.grad.clone(), layer.bias.grad.clone()
         layer.weight.grad = layer.bias.grad = None
         w, b = layer.weight.detach().clone().requires_grad_(True), layer.bias.detach().clone().requires_grad_(True)
-        y2 = w.view(1, -1, 1, 1) * x2 / torch.sqrt((x2 * x2).mean(dim=(0, 2, 3), keepdim=True) + 1e-5) + b.view(1, -1, 1, 1)
+        chi2 = (x2 * x2).mean(dim=(0, 2, 3), keepdim=True)
+        y2 = w.view(1, -1, 1, 1) * x2 / torch.sqrt(chi2 + 1e-5) + b.view(1, -1, 1, 1)
         y2.backward(dy)
         isclose_report(y, y2, "y")
         isclose_report(x.grad, x2.grad, "dx")
@@ -163,7 +164,8 @@ def test_eval_formula_and_no_state_change():
     layer.eval()
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    expected = layer.weight.view(1, -1, 1, 1) * x / torch.sqrt(layer.running_var.view(1, -1, 1, 1) + 1e-5) + layer.bias.view(1, -1, 1, 1)
+    scale = layer.weight.view(1, -1, 1, 1) / torch.sqrt(layer.running_var.view(1, -1, 1, 1) + 1e-5)
+    expected = scale * x + layer.bias.view(1, -1, 1, 1)
     isclose_report(layer(x), expected, "eval output")
     for k, v in layer.state_dict().items():
         assert torch.equal(v, state[k]), k

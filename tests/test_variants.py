@@ -52,7 +52,7 @@ def test_xbnblock_ablation_positions_and_errors():
         build_model("resnet18_xbn", build_norm("bn"), num_classes=10, xbn_positions=["bn3"])
 
 
-def test_xbnblock_with_mabn_centres_only_convs_feeding_mabn():
+def test_xbnblock_with_mabn_centers_only_convs_feeding_mabn():
     model = build_model("cifar_resnet20_xbn", build_norm("mabn", NormContext(norm_batch=2, device_batch=4)),
                         num_classes=10, in_channels=1)
     assert not is_centered(model.conv1) and not is_centered(model.layers[0].conv1)  # feed GroupNorm

@@ -1,7 +1,7 @@
 """ImageNet ResNet weights into detectron2's backbone: train_imagenet.py checkpoints, torchvision and MSRA files.
 
 torchvision names (what train_imagenet.py saves) map onto detectron2's ResNet module by module; every
-parameter and buffer below a module keeps its suffix, so weight-centring parametrizations
+parameter and buffer below a module keeps its suffix, so weight-centering parametrizations
 (``conv.parametrizations.weight.original``) and every norm's state (MABN's rings and counter, BRN's
 counter) carry over. Counters of batch-dependent norms then restart on purpose: see ``restart_norm_state``.
 """
@@ -116,7 +116,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
         if unexpected or missing:
             raise ValueError(
                 f"{path} does not fit this backbone (was it trained with another norm or without weight "
-                f"centring?): {len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
+                f"centering?): {len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
                 f"e.g. {unexpected[:3]}")
         model.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
     restarted = restart_norm_state(model.backbone.bottom_up)

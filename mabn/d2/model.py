@@ -2,7 +2,7 @@
 
 The paper's architecture (Yan et al. 2020, Sec. 5.2): the norm in the ResNet stem and stages, the FPN, a
 4-conv + 1-fc box head and the mask head's convs; the RPN head unnormalised; convs feeding MABN
-weight-centred. detectron2's ``common/models/mask_rcnn_fpn.py`` is loaded and edited, not copied.
+weight-centered. detectron2's ``common/models/mask_rcnn_fpn.py`` is loaded and edited, not copied.
 
 yacs configs reach the same layers through builders registered in detectron2's registries, the extension
 point its ``projects/`` use: ``MODEL.BACKBONE.NAME: build_mabn_resnet_fpn_backbone``,
@@ -88,7 +88,7 @@ def mask_rcnn_lazy_config(norm, *, num_classes: int, depth: int = 50, freeze_at:
 
 
 def build_mask_rcnn(recipe: NormRecipe, *, weights: str | None = None, **options) -> nn.Module:
-    """Instantiate Mask R-CNN with the recipe's norm, centre the convs feeding MABN, load ImageNet weights,
+    """Instantiate Mask R-CNN with the recipe's norm, center the convs feeding MABN, load ImageNet weights,
     then freeze the norms of frozen blocks (in that order: a frozen copy takes the loaded statistics).
 
     A frozen norm has no business in randomly initialised layers: with ``frozenbn`` (detectron2's
@@ -100,8 +100,8 @@ def build_mask_rcnn(recipe: NormRecipe, *, weights: str | None = None, **options
         options = {**options, "norm_fpn": False, "norm_heads": False}
     model = instantiate(mask_rcnn_lazy_config(recipe.ctor, **options))
     if recipe.weight_centering:
-        centred = center_conv_weights(model)
-        logger.info("weight centring on %d convs feeding %s", len(centred), recipe.name)
+        centered = center_conv_weights(model)
+        logger.info("weight centering on %d convs feeding %s", len(centered), recipe.name)
     if weights:
         load_backbone_weights(model, weights)
     frozen = freeze_frozen_blocks(model)
@@ -110,8 +110,8 @@ def build_mask_rcnn(recipe: NormRecipe, *, weights: str | None = None, **options
     return model
 
 
-def _centre(module: nn.Module, *recipes: NormRecipe | None) -> nn.Module:
-    """Weight-centre the convs feeding MABN when a recipe asks for it, as ``build_mask_rcnn`` does."""
+def _center(module: nn.Module, *recipes: NormRecipe | None) -> nn.Module:
+    """Weight-center the convs feeding MABN when a recipe asks for it, as ``build_mask_rcnn`` does."""
     if any(recipe is not None and recipe.weight_centering for recipe in recipes):
         center_conv_weights(module)
     return module
@@ -134,7 +134,7 @@ def _check_default_resnet(cfg) -> None:
 def build_mabn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's ResNet-FPN with ``RESNETS.NORM`` and ``FPN.NORM`` resolved to the project's layers.
 
-    Convs feeding MABN are centred and batch-dependent norms of frozen stages (``BACKBONE.FREEZE_AT``)
+    Convs feeding MABN are centered and batch-dependent norms of frozen stages (``BACKBONE.FREEZE_AT``)
     become FrozenBatchNorm2d at build time, as detectron2 turns BN into FrozenBN before weights load.
     """
     _check_default_resnet(cfg)
@@ -144,15 +144,15 @@ def build_mabn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     bottom_up = ResNet(NormActStem(input_shape.channels, res.STEM_OUT_CHANNELS, norm=norm),
                        ResNet.make_default_stages(res.DEPTH, block_class(res.DEPTH), norm=norm, **stage_args),
                        out_features=res.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
-    # centre before freezing, as build_mask_rcnn does: frozen stages keep the centred convs (and so the keys)
+    # center before freezing, as build_mask_rcnn does: frozen stages keep the centered convs (and so the keys)
     # of an ImageNet MABN backbone
-    _centre(bottom_up, recipe)
+    _center(bottom_up, recipe)
     freeze_frozen_blocks(bottom_up)
     fpn_norm, fpn_recipe = resolve_norm(cfg.MODEL.FPN.NORM)
     fpn = FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES,
               out_channels=cfg.MODEL.FPN.OUT_CHANNELS, norm=without_activation(fpn_norm),
               top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
-    return _centre(fpn, fpn_recipe)
+    return _center(fpn, fpn_recipe)
 
 
 @ROI_BOX_HEAD_REGISTRY.register()
@@ -160,7 +160,7 @@ def build_mabn_box_head(cfg, input_shape: ShapeSpec) -> NormActConvFCHead:
     """detectron2's conv-fc box head with ``ROI_BOX_HEAD.NORM`` resolved to the project's layer."""
     args = NormActConvFCHead.from_config(cfg, input_shape)
     args["conv_norm"], recipe = resolve_norm(args["conv_norm"])
-    return _centre(NormActConvFCHead(**args), recipe)
+    return _center(NormActConvFCHead(**args), recipe)
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -168,4 +168,4 @@ def build_mabn_mask_head(cfg, input_shape: ShapeSpec) -> NormActMaskHead:
     """detectron2's conv-upsample mask head with ``ROI_MASK_HEAD.NORM`` resolved to the project's layer."""
     args = NormActMaskHead.from_config(cfg, input_shape)
     args["conv_norm"], recipe = resolve_norm(args["conv_norm"])
-    return _centre(NormActMaskHead(**args), recipe)
+    return _center(NormActMaskHead(**args), recipe)

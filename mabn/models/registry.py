@@ -1,5 +1,5 @@
 """Model registry: name -> builder(norm_ctor, num_classes, in_channels, **options); ``build_model`` applies a norm
-recipe whole (its constructor and the conv parametrization it pairs with, e.g. MABN's weight centring). A
+recipe whole (its constructor and the conv parametrization it pairs with, e.g. MABN's weight centering). A
 builder registered with ``wants_recipe`` (``timm``: a model built with its own BatchNorms, then converted)
 gets the recipe itself instead of its constructor."""
 
@@ -44,7 +44,7 @@ def build_model(name: str, norm: NormRecipe | str | dict, *, num_classes: int, i
                 norm_until: str = "all", **options) -> nn.Module:
     """Build a registered model whose every norm layer is the recipe's (XBNBlock models: all but their
     batch-free positions), with the convs feeding those norms parametrized as the recipe asks (weight
-    centring for MABN); ``norm_until`` (stem, stage1) removes the norms after that point. ``norm`` is a
+    centering for MABN); ``norm_until`` (stem, stage1) removes the norms after that point. ``norm`` is a
     recipe from ``build_norm`` or a norm config / name built with the registry's defaults. A norm that
     carries its activation (EvoNorm-S0, FRN + TLU) gets no ReLU after it (``apply_norm_activations``)."""
     if name not in _MODELS:

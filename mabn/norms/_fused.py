@@ -84,15 +84,15 @@ def _blocks(x3: Tensor) -> tuple[int, int]:
     return 128, 4
 
 
-def _stats(x3: Tensor, groups: int, counter: Tensor, centred: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch 1: (G, C) mean and variance (centred) or mean of x², and the counter before the call."""
+def _stats(x3: Tensor, groups: int, counter: Tensor, centered: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch 1: (G, C) mean and variance (centered) or mean of x², and the counter before the call."""
     n_all, c, s = x3.shape
     out1 = torch.empty(groups, c, device=x3.device, dtype=torch.float32)
-    out2 = torch.empty_like(out1) if centred else out1
+    out2 = torch.empty_like(out1) if centered else out1
     t0 = torch.empty_like(counter)
     bm, bc = _blocks(x3)
     _launch(kernels().stats_kernel, (groups, triton_cdiv(c, bc)), x3, out1, out2, counter, t0,
-            n_all // groups, c, s, *x3.stride(), CENTRED=centred, BLOCK_M=bm, BLOCK_C=bc)
+            n_all // groups, c, s, *x3.stride(), CENTERED=centered, BLOCK_M=bm, BLOCK_C=bc)
     return out1, out2, t0
 
 
@@ -140,7 +140,7 @@ STATE_BLOCK_C = 32  # channels per program of the state and gradient-statistics 
 STATE_WARPS = 1  # channel per thread, so no replicated thread reads a value another one has rewritten
 
 
-class FusedCentred(torch.autograd.Function):
+class FusedCentered(torch.autograd.Function):
     """BN (``renorm`` None) and BRN (``renorm`` = r_max, d_max, warmup, ramp lengths) in six launches."""
 
     @staticmethod
@@ -151,7 +151,7 @@ class FusedCentred(torch.autograd.Function):
         mean, var, t0 = _stats(x3, groups, counter, True)
         k, shift, inv, r, d = _empties(groups, c, x.device, 5)
         r_max, d_max, warmup, r_end, d_end = renorm if renorm is not None else (1.0, 0.0, 0, 1, 1)
-        _launch(kernels().centred_state_kernel, (triton_cdiv(c, STATE_BLOCK_C),), mean, var, running_mean,
+        _launch(kernels().centered_state_kernel, (triton_cdiv(c, STATE_BLOCK_C),), mean, var, running_mean,
                 running_var, counter, t0, weight, bias, k, shift, inv, r, d, groups, c, count / (count - 1),
                 momentum, eps, r_max, d_max, warmup, max(r_end - warmup, 1), max(d_end - warmup, 1),
                 RENORM=renorm is not None, BLOCK_C=STATE_BLOCK_C, num_warps=STATE_WARPS)
@@ -169,7 +169,7 @@ class FusedCentred(torch.autograd.Function):
         s1, s2 = _grad_stats(dy3, x3, mean, groups)
         dw, db = torch.empty_like(weight), torch.empty_like(weight)
         c0, b2 = _empties(groups, c, x.device, 2)
-        _launch(kernels().centred_grad_kernel, (triton_cdiv(c, STATE_BLOCK_C),), s1, s2, k, inv, r, d, dw, db,
+        _launch(kernels().centered_grad_kernel, (triton_cdiv(c, STATE_BLOCK_C),), s1, s2, k, inv, r, d, dw, db,
                 c0, b2, groups, c, float(ctx.count), BLOCK_C=STATE_BLOCK_C, num_warps=STATE_WARPS)
         dx = None
         if ctx.needs_input_grad[0]:

@@ -26,8 +26,8 @@ def _tile(base, g, c, m0, n, C, S, sn, sc, ss, BLOCK_M: tl.constexpr, BLOCK_C: t
 
 @triton.jit
 def stats_kernel(x_ptr, out1_ptr, out2_ptr, cnt_ptr, t0_ptr, n, C, S, sn, sc, ss,
-                 CENTRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per (group, channel): mean and biased variance (two passes) if CENTRED, else mean of x²."""
+                 CENTERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per (group, channel): mean and biased variance (two passes) if CENTERED, else mean of x²."""
     g = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     total = n * S
@@ -35,10 +35,10 @@ def stats_kernel(x_ptr, out1_ptr, out2_ptr, cnt_ptr, t0_ptr, n, C, S, sn, sc, ss
     for m0 in range(0, total, BLOCK_M):
         ptr, mask = _tile(x_ptr, g, c, m0, n, C, S, sn, sc, ss, BLOCK_M, BLOCK_C)
         xv = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        acc += xv if CENTRED else xv * xv
+        acc += xv if CENTERED else xv * xv
     first = tl.sum(acc, axis=0) / total
     tl.store(out1_ptr + g * C + c, first, mask=c < C)
-    if CENTRED:
+    if CENTERED:
         acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         for m0 in range(0, total, BLOCK_M):
             ptr, mask = _tile(x_ptr, g, c, m0, n, C, S, sn, sc, ss, BLOCK_M, BLOCK_C)
@@ -180,7 +180,7 @@ def mabn_grad_kernel(s1_ptr, dot_ptr, psi_ptr, k_ptr, inv_ptr, r_ptr, w_ptr, rin
 
 
 @triton.jit
-def centred_state_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, cnt_ptr, t0_ptr, w_ptr, b_ptr, k_ptr, shift_ptr,
+def centered_state_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, cnt_ptr, t0_ptr, w_ptr, b_ptr, k_ptr, shift_ptr,
                          inv_ptr, r_ptr, d_ptr, G, C, unbias, momentum, eps, r_max, d_max, warmup, r_end,
                          d_end, RENORM: tl.constexpr, BLOCK_C: tl.constexpr):
     """BN / BRN forward state (Ioffe 2017, Alg. 1, G groups in order): r, d, running stats; k and shift."""
@@ -220,7 +220,7 @@ def centred_state_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, cnt_ptr, t0_ptr, w_p
 
 
 @triton.jit
-def centred_grad_kernel(s1_ptr, s2_ptr, k_ptr, inv_ptr, r_ptr, d_ptr, dw_ptr, db_ptr, c0_ptr, b2_ptr, G, C,
+def centered_grad_kernel(s1_ptr, s2_ptr, k_ptr, inv_ptr, r_ptr, d_ptr, dw_ptr, db_ptr, c0_ptr, b2_ptr, G, C,
                         count, BLOCK_C: tl.constexpr):
     """BN / BRN backward statistics: dγ, dβ, and dx's terms c0 = −k·Σdy/N, b2 = −k·s·Σdy·x̂/N."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -37,7 +37,7 @@ def window_means(ring: Tensor, t0: Tensor, new: Tensor, window: int) -> tuple[Te
 
 
 def ema_momentum(window: int) -> float:
-    """α = 2/(window+1): the EMA with the centre of mass (mean age (window−1)/2) of a window-batch SMA."""
+    """α = 2/(window+1): the EMA with the center of mass (mean age (window−1)/2) of a window-batch SMA."""
     return 2.0 / (window + 1)
 
 

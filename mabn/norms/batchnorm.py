@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _fused
-from ._centred import centred_norm
+from ._centered import centered_norm
 from ._common import (
     check_group_size,
     check_input,
@@ -23,7 +23,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose statistics come from groups of ``group_size`` samples of the device batch.
 
     One call on G·n samples equals G consecutive calls on the slices of n samples (same outputs, gradients
-    and final running statistics; DESIGN.md's grouped contract). ``group_size=None`` is plain BatchNorm2d.
+    and final running statistics: the grouped contract). ``group_size=None`` is plain BatchNorm2d.
     State-dict keys are those of ``nn.BatchNorm2d``, so torchvision checkpoints load unchanged. ``impl`` picks
     the fused Triton path (affine layers with running statistics) or the PyTorch one, as in ``MABN2d``.
     """
@@ -51,7 +51,7 @@ class BatchNorm2d(nn.BatchNorm2d):
                 f"{n} sample(s) of spatial size {tuple(x.shape[2:])}"
             )
         if self._fused(x):
-            return _fused.FusedCentred.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+            return _fused.FusedCentered.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                              self.num_batches_tracked, groups, self.eps, self.momentum, None)
         if groups == 1:
             return super().forward(x)
@@ -68,11 +68,11 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     def _grouped_forward(self, x: Tensor, groups: int, n: int) -> Tensor:
         # Each group of n consecutive samples is normalized by its own statistics in one call (closed-form
-        # backward, see _centred.py); the running statistics take the G group updates in order.
+        # backward, see _centered.py); the running statistics take the G group updates in order.
         ones = None if self.affine else torch.ones(self.num_features, device=x.device, dtype=stat_dtype(x))
         weight = self.weight if self.affine else ones
         bias = self.bias if self.affine else torch.zeros_like(ones)
-        y, mean, var = centred_norm(x, weight, bias, groups, self.eps)
+        y, mean, var = centered_norm(x, weight, bias, groups, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
                 count = n * x[0, 0].numel()
@@ -136,7 +136,7 @@ class FrozenBatchNorm2d(nn.Module):
     def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm2d:
         """A frozen copy of a BatchNorm-like layer's current eval-mode statistics and affine.
 
-        A layer without ``running_mean`` (MABN2d: eval is γ·x/√(v+ε) + β, nothing centred) gets mean 0.
+        A layer without ``running_mean`` (MABN2d: eval is γ·x/√(v+ε) + β, nothing centered) gets mean 0.
         """
         frozen = cls(bn.num_features, eps=bn.eps)
         with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _fused
-from ._centred import centred_norm
+from ._centered import centered_norm
 from ._common import (
     check_group_size,
     check_input,
@@ -134,7 +134,7 @@ class BatchRenorm2d(nn.Module):
         tensors = [self.weight, self.bias, self.running_mean, self.running_var]
         if _fused.use_fused(self.impl, x, tensors, type(self).__name__):
             sched = (self.r_max, self.d_max, self.warmup_iters, self.r_max_iters, self.d_max_iters)
-            return _fused.FusedCentred.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+            return _fused.FusedCentered.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                              self.num_batches_tracked, groups, self.eps, self.momentum, sched)
         # under torch.compile: the state update as an op declaring the buffers it writes (renorm_state_op)
         state = renorm_state_op if torch.compiler.is_compiling() else renorm_state
@@ -144,4 +144,4 @@ class BatchRenorm2d(nn.Module):
             return state(mean_b, var_b, self.running_mean, self.running_var, self.num_batches_tracked, count,
                          self.momentum, self.eps, *limits)
 
-        return centred_norm(x, self.weight, self.bias, groups, self.eps, renorm)[0]
+        return centered_norm(x, self.weight, self.bias, groups, self.eps, renorm)[0]

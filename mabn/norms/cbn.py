@@ -8,7 +8,7 @@ Gradients flow through the current statistics only (the official code uses ``wei
 term). Until ``burnin_iters`` normalization batches have passed it is plain BN (the paper's burn-in); the
 rings are filled from the start, so compensation has its whole window when burn-in ends. Eval and folding
 are BN's (running statistics of the current batches). ∂μ/∂W and ∂ν/∂W come from autograd on the feeding
-conv's weight, paired through ``center_conv_weights`` like weight centring; without a paired conv (or
+conv's weight, paired through ``center_conv_weights`` like weight centering; without a paired conv (or
 without autograd, e.g. under ``torch.no_grad``) each batch is normalized by its own statistics and the rings
 stay as they are. Every window slot holds W and two derivatives of W's size: 3(k−1) copies of the conv
 weight in buffers.

@@ -1,9 +1,9 @@
-"""Weight-centred convolutions feeding MABN (Yan et al. 2020, Sec. 4.3), as a model transform; the same
+"""Weight-centered convolutions feeding MABN (Yan et al. 2020, Sec. 4.3), as a model transform; the same
 pairing gives the convs feeding GN+WS their weight standardization (Qiao et al. 2019).
 
 W[o] <- W[o] - mean(W[o]) over (in, kh, kw): the conv output is then ~zero-mean per channel, so the second
 moment MABN normalizes by approximates the variance. Applied with ``torch.nn.utils.parametrize`` so the
-stored parameter stays the raw weight (optimizer, checkpoints) and the conv always sees the centred one.
+stored parameter stays the raw weight (optimizer, checkpoints) and the conv always sees the centered one.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def is_centered(conv: nn.Module) -> bool:
 
 
 def is_paired(conv: nn.Module) -> bool:
-    """Whether ``conv.weight`` goes through a pairing parametrization (centring or standardization)."""
+    """Whether ``conv.weight`` goes through a pairing parametrization (centering or standardization)."""
     from .gnws import StandardizedWeight
 
     return parametrize.is_parametrized(conv, "weight") and any(
@@ -94,7 +94,7 @@ def is_paired(conv: nn.Module) -> bool:
 
 
 def bake_weight_centering(model: nn.Module) -> nn.Module:
-    """Replace each pairing parametrization (centring, standardization) by a plain weight of its values."""
+    """Replace each pairing parametrization (centering, standardization) by a plain weight of its values."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d) and is_paired(module):
             unparametrize_weight(module)

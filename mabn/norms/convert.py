@@ -55,7 +55,7 @@ class ConversionReport:
     norm: str
     converted: list[Converted] = field(default_factory=list)
     left: list[Left] = field(default_factory=list)
-    paired: list[str] = field(default_factory=list)       # convs paired with a new norm (centring, WS, CBN)
+    paired: list[str] = field(default_factory=list)       # convs paired with a new norm (centering, WS, CBN)
     unpaired: list[str] = field(default_factory=list)     # converted norms that pair but have no feeding conv
     baked: list[str] = field(default_factory=list)        # revert: convs whose pairing became a plain weight
     activations: list[str] = field(default_factory=list)  # apply_norm_activations' changes (ResNets)
@@ -230,7 +230,7 @@ def convert_norms(model: nn.Module, cfg: Mapping[str, Any] | str | NormRecipe,
 
 def _record_pairs(model: nn.Module, recipe: NormRecipe, new_norms: dict[int, str],
                   report: ConversionReport) -> None:
-    if not recipe.weight_centering:  # MABN's centring, GN+WS's standardization, CBN's compensation
+    if not recipe.weight_centering:  # MABN's centering, GN+WS's standardization, CBN's compensation
         return
     fed = {id(norm) for _, _, _, norm in conv_norm_pairs(model)}
     report.paired = [c for c, _, _, norm in conv_norm_pairs(model) if id(norm) in new_norms]
@@ -263,7 +263,7 @@ def revert_norms(model: nn.Module) -> ConversionReport:
     """Turn every batch-statistics registry norm (bn, brn, mabn, cbn, syncbn, frozenbn; torch SyncBatchNorm)
     into a plain ``nn.BatchNorm2d`` with the same eval output (in place), for export.
 
-    Convs centred for MABN get their centred weight baked in (``unparametrize_weight``); batch-free norms
+    Convs centered for MABN get their centered weight baked in (``unparametrize_weight``); batch-free norms
     (gn, gnws, ln, in, evonorm_s0, frn) have no BatchNorm equivalent and are listed as left.
     """
     report = ConversionReport("bn (torch.nn.BatchNorm2d)")

@@ -3,7 +3,7 @@ with Batch-Channel Normalization and Weight Standardization", Eq. 5-6).
 
 Ŵ[o] = (W[o] − mean(W[o])) / (std(W[o]) + ε) over each output filter's in×kh×kw values. The official code
 (joe-siyuan-qiao/WeightStandardization) uses torch's unbiased std and adds ε outside the square root; so does
-this. Applied like MABN's weight centring: a ``torch.nn.utils.parametrize`` parametrization on each conv that
+this. Applied like MABN's weight centering: a ``torch.nn.utils.parametrize`` parametrization on each conv that
 feeds a GroupNormWS, so the stored parameter stays the raw weight and baking it is one call.
 """
 

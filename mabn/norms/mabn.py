@@ -21,12 +21,13 @@ from ._common import (
 class MABN2d(nn.Module):
     """Moving Average Batch Normalization for (N, C, H, W) inputs.
 
-    Normalizes by the second moment (no centring), replaces the forward statistic χ² and the backward
+    Normalizes by the second moment (no centering), replaces the forward statistic χ² and the backward
     statistic Ψ by simple moving averages over the last ``window`` normalization batches, and applies a
     BRN-like correction r = clip(√(χ̄²+ε)/√(v+ε), 1/r_max, r_max) (constant in backward) after
     max(renorm_iters, warmup_iters) normalization batches; v (``running_var``) is an EMA of χ̄² and the
     eval statistic: y = γ·x/√(v+ε) + β. Every counter counts normalization batches; ``group_size`` n splits
-    the device batch into groups that behave exactly like consecutive calls (DESIGN.md's grouped contract).
+    the device batch into groups that behave exactly like consecutive calls (the grouped contract,
+    tests/test_grouped_contract.py).
 
     Buffers (all in ``state_dict``): ``running_var`` (C,), ``ring_x2`` and ``ring_gz`` (window, C) with the
     statistic of batch t in slot t mod window, ``num_batches_tracked`` (t of the last batch seen).
@@ -34,11 +35,12 @@ class MABN2d(nn.Module):
     ``torch.no_grad``) advances the counter and ``ring_x2`` but leaves its Ψ slot as it was, as the official
     layer does. ``impl``: "auto" (fused Triton kernels for float32/bf16/fp16 CUDA training calls of the
     official layer, see ``_fused``), "fused" or "torch" (the reference; always used under torch.compile, on
-    CPU, for float64, with an ablation switch off its default and on a step a tracer records).
+    CPU, for float64, with an ablation switch off its default — refused with impl="fused" — and on a step
+    a tracer records).
 
     Ablation switches (defaults: the official layer): ``forward_stat`` / ``backward_stat`` ``"batch"``
     normalizes by χ²_t / uses Ψ_t of the current normalization batch only (the average is still kept);
-    ``average="ema"`` replaces both SMAs by EMAs of the same centre of mass, α = 2/(window+1), seeded with
+    ``average="ema"`` replaces both SMAs by EMAs of the same center of mass, α = 2/(window+1), seeded with
     the first batch's statistic, kept in ``ema_x2`` and ``ema_gz`` (C,) instead of the rings (the default
     layer's state dict is unchanged); ``renorm=False`` keeps r ≡ 1. ``uses_default_statistics`` is False
     when any switch is off its default (the fused path, which has no ablations, falls back on this one).
@@ -55,7 +57,8 @@ class MABN2d(nn.Module):
         self.impl = _fused.check_impl(impl)
         check_positive("num_features", num_features, integer=True)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an int >= 1 (normalization batches in the moving average), got {window!r}")
+            raise ValueError(f"window must be an int >= 1 (normalization batches in the moving average), "
+                             f"got {window!r}")
         self.num_features = num_features
         self.window = window
         self.group_size = check_group_size(group_size)
@@ -121,10 +124,10 @@ class MABN2d(nn.Module):
             shape = (1, -1) + (1,) * (x.dim() - 2)
             return torch.addcmul(shift.view(shape).to(dt), x.to(dt), scale.view(shape).to(dt)).to(x.dtype)
         groups, _ = num_groups(x.shape[0], self.group_size)
-        official = self.uses_default_statistics and self.used_stats is None
         tensors = [self.weight, self.bias, self.running_var, *self._averages()]
-        if _fused.use_fused(self.impl, x, tensors, type(self).__name__,
-                            None if official else "the ablation switches or a step a tracer records"):
+        # a step a tracer records takes the reference path: the tracer reads what it computes
+        if self.used_stats is None and _fused.use_fused(self.impl, x, tensors, type(self).__name__,
+                                                        None if self.uses_default_statistics else "ablations"):
             hp = (self.window, self.warmup_iters, max(self.renorm_iters, self.warmup_iters), self.r_max,
                   self.momentum, self.eps)
             return _fused.FusedMABN.apply(x, self.weight, self.bias, self.ring_x2, self.running_var,

@@ -57,7 +57,7 @@ class NormRecipe:
     """What a model builder needs: the constructor, and whether the convs feeding the norm are paired with it.
 
     ``weight_centering``: the convs feeding the norm get the norm's weight parametrization through
-    ``center_conv_weights`` (MABN: centring; GN+WS: standardization, i.e. centring and scaling).
+    ``center_conv_weights`` (MABN: centering; GN+WS: standardization, i.e. centering and scaling).
     """
 
     name: str
@@ -67,7 +67,7 @@ class NormRecipe:
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Parametrize the convs that feed this recipe's norms as it asks (MABN: weight centring), in place.
+        """Parametrize the convs that feed this recipe's norms as it asks (MABN: weight centering), in place.
         Model builders call it once after building; a model built by hand calls it too."""
         if self.weight_centering:
             from .centering import center_conv_weights  # centering reads the registry's type tuples

@@ -2,8 +2,8 @@
 # results/fmnist_ablation.md: MABN's ablations under experiment=fmnist_ablation (the fmnist_cpu protocol:
 # ResNet-8, 1250 iterations of device batch 32), three seeds per cell. At normalization batch 1 and 2: bn,
 # mabn, and mabn with Ψ̄ of the current batch (backward_stat=batch), χ̄² of the current batch
-# (forward_stat=batch), both, no weight centring, EMAs instead of SMAs (average=ema); at n = 32: bn, mabn,
-# mabn without weight centring and with both statistics of the current batch. (At n = 32 the default window
+# (forward_stat=batch), both, no weight centering, EMAs instead of SMAs (average=ema); at n = 32: bn, mabn,
+# mabn without weight centering and with both statistics of the current batch. (At n = 32 the default window
 # is 32 / n = 1, so "both batch" computes what mabn computes: a control, its seeds must match mabn's.)
 # 54 runs, about 1.4 h on two CPU cores with
 #   LAUNCHER=joblib JOBS=2 bash scripts/sweeps/fmnist_ablation.sh      (two cells at a time, one thread each)

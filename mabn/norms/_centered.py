@@ -1,4 +1,4 @@
-"""The centred normalization of BN and BRN over groups of consecutive samples, with a closed-form backward.
+"""The centered normalization of BN and BRN over groups of consecutive samples, with a closed-form backward.
 
 y = γ·(r·(x − μ_g)/σ_g + d) + β, μ_g and σ_g² (biased) over each group's samples and positions, r and d
 per-group constants (BN: r = 1, d = 0; BRN: Ioffe 2017 Alg. 1). Autograd flows through μ_g and σ_g, r and d
@@ -6,8 +6,8 @@ are constants, so the input gradient is BN's, scaled by r:
 dx = γ·r/σ·(dy − mean(dy) − x̂·mean(dy·x̂)),  x̂ = (x − μ)/σ.
 
 Written for few passes over the activations: per-(sample, channel) sums (one fused reduction each), the
-centred input computed once and kept for backward (instead of x), the output and the input gradient as
-fused multiply-adds. The variance is two-pass (mean first, then the centred sum of squares), so inputs far
+centered input computed once and kept for backward (instead of x), the output and the input gradient as
+fused multiply-adds. The variance is two-pass (mean first, then the centered sum of squares), so inputs far
 from zero lose no precision.
 """
 
@@ -24,7 +24,7 @@ from ._common import group_sum, per_sample, spatial_dot, spatial_sum, spatial_su
 Renorm = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-class _CentredNorm(torch.autograd.Function):
+class _CenteredNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int, eps: float, renorm: Renorm | None):
         dt = stat_dtype(x)
@@ -70,7 +70,7 @@ class _CentredNorm(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-def centred_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
+def centered_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
                  renorm: Renorm | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Normalize each group of consecutive samples of ``x`` by its own mean and biased variance.
 
@@ -78,4 +78,4 @@ def centred_norm(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: floa
     before the output is formed (BRN computes r, d and updates its running statistics there). Returns
     (y, mean, var), the statistics as (G, C) tensors in the statistics dtype, detached.
     """
-    return _CentredNorm.apply(x, weight, bias, groups, eps, renorm)
+    return _CenteredNorm.apply(x, weight, bias, groups, eps, renorm)
