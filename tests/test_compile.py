@@ -60,6 +60,18 @@ def _close(a, b, what):
 
 
 @pytest.mark.parametrize("name, groups", CASES, ids=[f"{n}-{g}" for n, g in CASES])
+def _forward_backward(models, x, dy) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(output, input gradient) of one forward and backward of each model on the same x and dy."""
+    outs = []
+    for model in models:
+        xi = x.clone().requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        y = model(xi)
+        y.backward(dy)
+        outs.append((y.detach(), xi.grad))
+    return outs
+
+
 def test_compiled_equals_eager(name, groups):
     from torch._inductor.compile_fx import compile_fx
 
@@ -80,14 +92,7 @@ def test_compiled_equals_eager(name, groups):
         x = torch.randn(batch, 4, 3, 3, generator=gen, dtype=torch.float64) * (0.5 + call % 3) + 0.3 * call
         if groups == "more than window":  # channels_last, as train.channels_last runs on GPUs
             x = x.contiguous(memory_format=torch.channels_last)
-        dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-        outs = []
-        for model in (compiled, eager):
-            xi = x.clone().requires_grad_(True)
-            model.zero_grad(set_to_none=True)
-            y = model(xi)
-            y.backward(dy)
-            outs.append((y.detach(), xi.grad))
+        outs = _forward_backward((compiled, eager), x, torch.randn(x.shape, generator=gen, dtype=torch.float64))
         where = f"{name}, {groups}, call {call}"
         _close(outs[0][0], outs[1][0], f"output, {where}")
         _close(outs[0][1], outs[1][1], f"input grad, {where}")
@@ -179,14 +184,7 @@ def test_mabn_ablations_compiled_equal_eager():
     gen = torch.Generator().manual_seed(1)
     for call in range(CALLS):
         x = torch.randn(3 * N, 4, 3, 3, generator=gen, dtype=torch.float64) * (0.5 + call % 3) + 0.3 * call
-        dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-        outs = []
-        for model in (compiled, eager):
-            xi = x.clone().requires_grad_(True)
-            model.zero_grad(set_to_none=True)
-            y = model(xi)
-            y.backward(dy)
-            outs.append((y.detach(), xi.grad))
+        outs = _forward_backward((compiled, eager), x, torch.randn(x.shape, generator=gen, dtype=torch.float64))
         _close(outs[0][0], outs[1][0], f"output, call {call}")
         _close(outs[0][1], outs[1][1], f"input grad, call {call}")
         for (key, p), q in zip(compiled_model.named_parameters(), eager.parameters(), strict=True):

@@ -306,10 +306,7 @@ def test_imagenet_checkpoint_maps_into_the_detectron2_backbone(tmp_path):
     # the same function: eval-mode res5 features equal torchvision's layer4 output
     net.eval()
     det.eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        tv = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
-        torch.testing.assert_close(det.backbone.bottom_up(x)["res5"], tv, rtol=1e-4, atol=1e-5)
+    _assert_same_res5(net, det)
 
 
 def test_checkpoint_of_another_norm_is_refused(tmp_path):
@@ -448,6 +445,11 @@ def test_imagenet_backbone_of_such_a_norm_keeps_its_function(name, tmp_path):
                           weights=str(path), **SMALL)
     net.eval()
     det.eval()
+    _assert_same_res5(net, det)
+
+
+def _assert_same_res5(net, det) -> None:
+    """Eval-mode res5 features of the detectron2 backbone equal torchvision's layer4 output."""
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         tv = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))

@@ -243,3 +243,22 @@ def test_ddp_rank_stopped_by_another_ranks_signal_says_so(tmp_path, data_root):
     assert "exitcode  : 0" not in stderr  # neither rank claims a normal end
     saved = torch.load(run_dir(tmp_path) / "checkpoints" / "last.pt", weights_only=False)
     assert len(saved["per_rank"]) == 2 and saved["state"]["iter"] >= 1
+
+
+def test_a_checkpoint_of_the_old_format_resumes(tmp_path, data_root):
+    """Format 1 kept the normalization batch in a `batch` group ({norm_batch, mode}) and had no run.json."""
+    from mabn.diagnostics import model_from_checkpoint
+
+    r = tmp_path / "R"
+    train([*SHORT, f"run.dir={r}", "train.stop_after_iters=4"], tmp_path, data_root)
+    for path in _checkpoints(r):
+        saved = torch.load(path, weights_only=False)
+        config = {k: v for k, v in saved["config"].items() if k not in ("batch", "batch_mode")}
+        saved["config"] = {**config, "batch": {"norm_batch": 2, "mode": "grouped"}}
+        saved.pop("format")
+        torch.save(saved, path)
+    (r / "run.json").unlink()
+    model, cfg, plan = model_from_checkpoint(r / "checkpoints" / "last.pt")
+    assert (plan.norm_batch, plan.device_batch, cfg.batch_mode) == (2, 8, "grouped")
+    out = train([*SHORT, f"run.dir={r}"], tmp_path, data_root)
+    assert "resumed from" in out.stdout and "iteration 4" in out.stdout and _train_iters(r) == list(range(1, 13))
