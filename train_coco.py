@@ -81,8 +81,13 @@ def _claim(cfg: DictConfig, info: dist.DistInfo) -> None:
         try:
             rundir.check_writable(run_dir)
             has = (run_dir / "checkpoints" / "last_checkpoint").is_file()
-            for notice in rundir.claim(run_dir, OmegaConf.to_container(cfg, resolve=True), has_checkpoint=has,
-                                       resume=cfg.run.resume, overwrite=cfg.run.overwrite):
+            config, previous = OmegaConf.to_container(cfg, resolve=True), rundir.recorded_config(run_dir)
+            notices = rundir.claim(run_dir, config, has_checkpoint=has, resume=cfg.run.resume,
+                                   overwrite=cfg.run.overwrite)
+            if has and previous and not cfg.run.overwrite:  # detectron2's checkpoint holds no config of ours
+                rundir.resume_changes(previous, config, (), None, can_apply=False)
+            rundir.begin(run_dir, config, resuming=has and not cfg.run.overwrite)
+            for notice in notices:
                 print(notice, flush=True)
         except ConfigError as err:
             error = str(err)

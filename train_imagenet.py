@@ -32,18 +32,19 @@ from mabn.models import build_model
 from mabn.norms import build_norm
 from mabn.optim import build_optimizer, linear_scaled_lr, lr_lambda
 from mabn.preemption import StopSignals
-from mabn.records import RunRecorder
+from mabn.records import RunRecorder, truncate_jsonl
 
 
 @hydra.main(config_path="configs", config_name="train_imagenet", version_base="1.3")
 def main(cfg: DictConfig) -> int:
-    info = dist.init_distributed(cfg.train.device)
     run_dir = Path(cfg.run.dir)
     try:
+        info = dist.init_distributed(cfg.train.device)  # train.device=cuda without a GPU is named here
         plan = validate(cfg, info.world_size, info.device.type)
-    except ConfigError as err:
+    except (ConfigError, ValueError) as err:
         dist.cleanup()
-        return finish(config_failure(err, run_dir if info.is_main else None))
+        return finish(config_failure(err, run_dir if dist.env_ranks() is None or dist.env_ranks()[0] == 0
+                                     else None))
     experiment = HydraConfig.get().runtime.choices.get("experiment")
     return finish(run_job(lambda stops: run(cfg, plan, info, stops, experiment), run_dir))
 
@@ -52,7 +53,8 @@ def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignal
         ) -> int:
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpointer = Checkpointer(Path(cfg.run.dir) / "checkpoints", cfg.train.keep_last)
-    saved, changes = claim_run_dir(cfg, config, checkpointer, info)  # before any data or model is built
+    lr = linear_scaled_lr(cfg.optim, plan.sgd_batch)
+    saved, changes = claim_run_dir(cfg, config, checkpointer, info, lr)  # before any data or model is built
     torch.manual_seed(cfg.seed + info.rank)
     parts, settings, lr, recipe, datasets = build(cfg, plan, info)
     recorder = RunRecorder(cfg.run.dir, enabled=info.is_main, wandb_cfg=OmegaConf.to_container(cfg.logger),
@@ -62,12 +64,6 @@ def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignal
     if saved is not None:
         loop.restore(saved, keep_optimizer_settings=bool(changes))
         loop.state["changes"] = loop.state["changes"] + changes
-        try:  # records after the checkpoint are written again
-            recorder.truncate_after(saved.iteration)
-            if parts.tracer is not None:
-                parts.tracer.truncate_after(saved.iteration)
-        except ValueError as err:  # a damaged record file: named, with its line
-            raise ConfigError(str(err)) from err
         if info.is_main:
             changed = "".join(f"; {c['key']}: {c['old']!r} -> {c['new']!r}" for c in changes)
             print(f"resumed from {saved.path} at epoch {loop.state['epoch']} iteration {saved.iteration}"
@@ -83,37 +79,53 @@ def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignal
               f"{info.world_size} = SGD batch {plan.sgd_batch}, lr {lr:g}, {cfg.epochs} epochs x "
               f"{settings.iters_per_epoch} iterations, {facts()['device']}", flush=True)
     outcome = loop.fit()
-    _summarize(outcome, loop, recorder, facts, skipped=skipped_images(*datasets), info=info)
+    skipped = dist.all_reduce_sum(torch.tensor([skipped_images(*datasets)], device=info.device))  # every rank's
+    _summarize(outcome, loop, recorder, facts, skipped=int(skipped.item()), info=info)
     return outcome.exit_code
 
 
-def claim_run_dir(cfg: DictConfig, config: dict, checkpointer: Checkpointer, info: dist.DistInfo
+def claim_run_dir(cfg: DictConfig, config: dict, checkpointer: Checkpointer, info: dist.DistInfo, lr: float
                   ) -> tuple[Checkpoint | None, list[dict]]:
     """Rank 0 makes the run directory this run's (rundir.claim), finds the checkpoint to resume and the
-    settings the resume changes; every rank then resumes the same file, or raises the same ConfigError."""
+    settings the resume changes, and cuts the records back to it; every rank then resumes the same file, or
+    raises the same ConfigError."""
     saved, found, changes, error = None, None, [], None
     if info.is_main:
         try:
-            rundir.check_writable(Path(cfg.run.dir))
-            saved, unreadable = checkpointer.newest()
-            notices = rundir.claim(Path(cfg.run.dir), config, has_checkpoint=saved is not None,
-                                   resume=cfg.run.resume, overwrite=cfg.run.overwrite,
-                                   checkpoint_config=saved.config if saved else None, unreadable=unreadable)
-            saved = None if cfg.run.overwrite else saved
-            if saved is not None:
-                changes = rundir.resume_changes(saved.config, config, cfg.run.allow_changes, saved.iteration)
-                if unreadable:
-                    notices.append(f"{'; '.join(unreadable)}: resuming from the older {saved.path.name}")
-            for notice in notices:
-                print(notice, flush=True)
+            saved, changes = _claim_on_rank0(cfg, config, checkpointer, lr)
             found = str(saved.path) if saved is not None else None
-        except ConfigError as err:
+        except (ConfigError, ValueError) as err:  # ValueError: a damaged record file, named with its line
             error = str(err)
     found, changes, error = dist.broadcast_object((found, changes, error))
     if error is not None:
         raise ConfigError(error)
     if found and saved is None:  # the other ranks read the file rank 0 chose
         saved = read_checkpoint(found)
+    return saved, changes
+
+
+def _claim_on_rank0(cfg: DictConfig, config: dict, checkpointer: Checkpointer, lr: float
+                    ) -> tuple[Checkpoint | None, list]:
+    run_dir = Path(cfg.run.dir)
+    rundir.check_writable(run_dir)
+    saved, unreadable = checkpointer.newest()
+    notices = rundir.claim(run_dir, config, has_checkpoint=saved is not None, resume=cfg.run.resume,
+                           overwrite=cfg.run.overwrite, checkpoint_config=saved.config if saved else None,
+                           unreadable=unreadable)
+    saved, changes = (None, []) if cfg.run.overwrite else (saved, [])
+    if saved is not None:
+        changes = rundir.resume_changes(saved.config, config, cfg.run.allow_changes, saved.iteration)
+        if not any(c["key"] in rundir.RESTORED for c in changes):  # optim.* unchanged, the SGD batch maybe not
+            changes += rundir.lr_change(saved, lr, cfg.run.allow_changes)
+        if unreadable:
+            moved = checkpointer.set_aside_unreadable()
+            notices.append(f"{'; '.join(unreadable)}: resuming from the older {saved.path.name} (set aside as "
+                           f"{', '.join(p.name for p in moved)})")
+        for name in ("metrics.jsonl", "diag_batch_stats.jsonl"):  # records after the checkpoint: written again
+            truncate_jsonl(run_dir / name, saved.iteration, "iter")
+    rundir.begin(run_dir, config, resuming=saved is not None)
+    for notice in notices:
+        print(notice, flush=True)
     return saved, changes
 
 

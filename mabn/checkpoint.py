@@ -128,19 +128,28 @@ class Checkpointer:
         return self.last if i == 0 else self.dir / f"last.{i}.pt"
 
     def files(self) -> list[Path]:
-        """Every checkpoint file present (newest first), whatever keep_last was when they were written."""
+        """Every checkpoint file present, newest first (best.pt last: an older epoch's), whatever keep_last
+        was when they were written."""
         rotated = sorted(self.dir.glob("last.*.pt"), key=lambda p: int(p.name.split(".")[1]))
-        return [p for p in (self.last, *rotated) if p.is_file()]
+        return [p for p in (self.last, *rotated, self.best) if p.is_file()]
 
     def newest(self) -> tuple[Checkpoint | None, list[str]]:
         """The newest readable checkpoint, and one notice per newer file that could not be read."""
-        notices = []
+        notices, self.unreadable = [], []
         for path in self.files():
             try:
                 return read(path), notices
             except CheckpointError as err:
                 notices.append(str(err))
+                self.unreadable.append(path)
         return None, notices
+
+    def set_aside_unreadable(self) -> list[Path]:
+        """Rename the files ``newest`` could not read to ``*.unreadable``: the next save's rotation would
+        otherwise push a torn file over the good one the run resumed from."""
+        moved = [p.rename(p.with_name(p.name + ".unreadable")) for p in getattr(self, "unreadable", [])]
+        self.unreadable = []
+        return moved
 
     def save(self, payload: dict, *, best: bool = False) -> Path:
         """Rotate the previous checkpoints and write ``payload`` as last.pt (and best.pt)."""

@@ -104,6 +104,8 @@ def _check_norm_and_optim(cfg, plan: BatchPlan, world_size: int, device_type: st
             check_settings("schedule", OmegaConf.to_container(cfg.schedule, resolve=True))
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    if cfg.get("logger") is not None and cfg.logger.get("mode", "disabled") not in ("online", "offline", "disabled"):
+        raise ConfigError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
     if cfg.train.amp not in AMP_MODES:
         raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {cfg.train.amp!r}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):

@@ -27,7 +27,6 @@ from .data import dataset_spec
 from .models import build_model
 from .norms import MABN2d, batch_dependent_types, build_norm, norm_types
 from .precise_bn import recompute_norm_stats
-from .records import truncate_jsonl
 
 
 @torch.no_grad()
@@ -146,11 +145,6 @@ class BatchStatsTracer:
         self._handles = []
         for m in self._mabn:
             m.used_stats = None
-
-    def truncate_after(self, iteration: int) -> None:
-        """On resume: drop records of steps after the checkpoint (they are traced again)."""
-        if self.enabled and self.path is not None:
-            truncate_jsonl(self.path, iteration, "iter")
 
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):

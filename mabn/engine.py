@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dist import all_reduce_sum
+from .dist import all_reduce_max, all_reduce_sum
 
 
 class NonFiniteError(RuntimeError):
@@ -37,16 +37,21 @@ def finite_probe(loss: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tenso
 def read_probe(probe: torch.Tensor, lr: float | torch.Tensor, iteration: int) -> tuple[float, float]:
     """The step's loss and ``lr`` as floats after ONE host sync, which also checks every weight and buffer: a
     finite loss can still come with an update that made the weights non-finite (a huge lr), and such a step
-    must never reach a checkpoint or an evaluation. ``lr`` may be a device tensor (CUDA graphs)."""
-    values = probe
+    must never reach a checkpoint or an evaluation. ``lr`` may be a device tensor (CUDA graphs). In a process
+    group the verdict is every rank's (norm buffers are per device): all ranks stop at the same step."""
+    bad = all_reduce_max((~torch.isfinite(probe)).to(probe.dtype))
+    values = torch.cat([probe, bad])
     if isinstance(lr, torch.Tensor):  # read in the same sync
-        values = torch.cat([probe, lr.detach().reshape(1).to(probe)])
-    loss_value, weights, *rest = values.tolist()
-    if not math.isfinite(loss_value):
-        raise NonFiniteError(f"non-finite loss {loss_value} at iteration {iteration}; stopping (the last good "
-                             f"checkpoint is kept)")
-    if not math.isfinite(weights):
-        raise NonFiniteError(f"non-finite weights after the optimizer step at iteration {iteration} (loss "
+        values = torch.cat([values, lr.detach().reshape(1).to(probe)])
+    loss_value, weights, bad_loss, bad_weights, *rest = values.tolist()
+    where = ""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        where = " on this rank" if not (math.isfinite(loss_value) and math.isfinite(weights)) else " on another rank"
+    if bad_loss:
+        raise NonFiniteError(f"non-finite loss {loss_value} at iteration {iteration}{where}; stopping (the last "
+                             f"good checkpoint is kept)")
+    if bad_weights:
+        raise NonFiniteError(f"non-finite weights after the optimizer step at iteration {iteration}{where} (loss "
                              f"{loss_value:.4g}); stopping (the last good checkpoint is kept)")
     return loss_value, rest[0] if rest else float(lr)
 

@@ -69,11 +69,13 @@ class StopSignals:
 def end_job(code: int) -> int:
     """Exit with a failing run's code, except inside a Hydra multirun: there the basic (local) launcher runs
     every cell in this one process, so a diverged or misconfigured cell is reported and the sweep goes on
-    (its summary.json says what happened; submitit jobs are separate processes either way)."""
+    (its summary.json says what happened; submitit jobs are separate processes either way). A stop signal
+    ends the whole sweep: it was meant for the job, not for one cell."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if code and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if code and code != EXIT_PREEMPTED and multirun:
         print(f"this sweep cell ended with exit code {code}; the sweep goes on", file=sys.stderr, flush=True)
         return code
     if code:

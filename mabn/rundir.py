@@ -33,20 +33,25 @@ def _get(cfg: dict, key: str):
 
 
 def identity(cfg: dict) -> dict:
-    """The settings that name a run (absent keys, e.g. detection's solver in classification, are left out)."""
-    return {k: _get(cfg, k) for k in IDENTITY if _get(cfg, k) is not None}
+    """The settings that name a run (absent keys, e.g. detection's solver in classification, are left out;
+    ``norm.impl`` too: the fused and reference paths compute the same and share their state)."""
+    found = {k: _get(cfg, k) for k in IDENTITY if _get(cfg, k) is not None}
+    if isinstance(found.get("norm"), dict):
+        found["norm"] = {k: v for k, v in found["norm"].items() if k != "impl"}
+    return found
+
+
+def identity_differences(owner: dict, me: dict) -> list[str]:
+    """How ``me`` differs from the run that owns a directory. A setting the owner's record lacks came with a
+    later version of the code, at its default then: it does not make another run."""
+    a, b = _flat(owner), _flat(me)
+    return [f"{k}: {a[k]!r} -> {b.get(k)!r}" for k in sorted(a) if a[k] != b.get(k)]
 
 
 def _flat(obj, prefix: str = "") -> dict:
     if isinstance(obj, dict):
         return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
     return {prefix[:-1]: obj}
-
-
-def differences(old: dict, new: dict) -> list[str]:
-    """``key: old -> new`` for every leaf setting that differs."""
-    a, b = _flat(old), _flat(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def check_writable(run_dir: Path) -> None:
@@ -94,8 +99,9 @@ def claim(run_dir: Path, cfg: dict, *, has_checkpoint: bool, resume: bool, overw
             names = ", ".join(p.name for p in files[:4])
             raise ConfigError(f"run.dir={run_dir} holds files of an unknown run ({names}); "
                               f"choose another run.name or run.dir, or set run.overwrite=true to delete them")
-        if owner != me:
-            raise ConfigError(f"run.dir={run_dir} holds another run ({'; '.join(differences(owner, me)[:4])}); "
+        if identity_differences(owner, me):
+            raise ConfigError(f"run.dir={run_dir} holds another run "
+                              f"({'; '.join(identity_differences(owner, me)[:4])}); "
                               f"choose another run.name or run.dir, or set run.overwrite=true to delete it")
         if has_checkpoint and not resume:
             raise ConfigError(f"run.dir={run_dir} holds this run's checkpoint; rerun without run.resume=false to "
@@ -109,26 +115,68 @@ def claim(run_dir: Path, cfg: dict, *, has_checkpoint: bool, resume: bool, overw
             if stale:
                 notices.append(f"{run_dir} has no checkpoint: the records of an earlier start that never "
                                f"checkpointed are discarded ({', '.join(p.name for p in stale)}); starting over")
-    record = {"identity": me, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if not (run_dir / RUN_FILE).exists():
-        (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return notices
 
 
-RESTORED = ("optim.",)  # settings a checkpoint's optimizer state brings back: a change needs run.allow_changes
+def recorded_config(run_dir: Path) -> dict | None:
+    """The resolved config of the last start that claimed ``run_dir`` (None for none, or an older record)."""
+    path = run_dir / RUN_FILE
+    return json.loads(path.read_text()).get("config") if path.exists() else None
+
+
+def begin(run_dir: Path, cfg: dict, *, resuming: bool) -> None:
+    """After every check passed: run.json says whose directory this is and with which config this start
+    runs; a resumed run's summary.json (how its last start ended) goes, since this start writes its own."""
+    if resuming and (run_dir / "summary.json").exists():
+        (run_dir / "summary.json").unlink()
+    record_config(run_dir, cfg)
+
+
+def record_config(run_dir: Path, cfg: dict) -> None:
+    """Write run.json: the run's identity, when it was created and the config of this start."""
+    path = run_dir / RUN_FILE
+    created = json.loads(path.read_text())["created"] if path.exists() else time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    record = {"identity": identity(cfg), "created": created, "config": cfg}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+# what the optimizer's state dict brings back (its param groups' hyper-parameters; the lr from these):
+# a change needs run.allow_changes
+RESTORED = tuple(f"optim.{k}" for k in ("lr", "base_lr", "base_batch", "momentum", "weight_decay",
+                                         "norm_weight_decay", "nesterov"))
 UNRECORDED = ("run.", "logger.", "launcher.", "hydra.", "train.progress", "train.stop_after_iters", "data.root",
               "data.workers")  # where a run runs and how it reports: free to change on any resume
 
 
-def resume_changes(saved: dict, current: dict, allowed, iteration: int) -> list[dict]:
+def resume_changes(saved: dict, current: dict, allowed, iteration: int | None, *, can_apply: bool = True
+                   ) -> list[dict]:
     """The settings a resume changes, to record; a change the checkpoint would silently undo (the optimizer's
-    hyper-parameters) is refused unless ``allowed`` (run.allow_changes) names it."""
+    hyper-parameters) is refused unless ``allowed`` (run.allow_changes) names it — and always where the entry
+    script cannot apply it (``can_apply=False``: detectron2's checkpointer restores the lr schedule)."""
     a, b = _flat(saved), _flat(current)
     keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(UNRECORDED)]
-    blocked = [k for k in keys if k.startswith(RESTORED) and k not in set(allowed or ())]
+    blocked = [k for k in keys if k in RESTORED and (not can_apply or k not in set(allowed or ()))]
     if blocked:
         shown = ", ".join(f"{k}={a.get(k)!r} (now {b.get(k)!r})" for k in blocked)
+        how = (f"to apply the new one from iteration {iteration}, add run.allow_changes=[{','.join(blocked)}], "
+               f"or start another run with another run.name" if can_apply else
+               "this entry script cannot apply it to a resumed run: start another run with another run.name")
         raise ConfigError(f"the checkpoint restores {shown}: resuming would silently keep the checkpoint's "
-                          f"value; to apply the new one from iteration {iteration}, add run.allow_changes="
-                          f"[{','.join(blocked)}], or start another run with another run.name")
+                          f"value; {how}")
     return [{"iter": iteration, "key": k, "old": a.get(k), "new": b.get(k)} for k in keys]
+
+
+def lr_change(saved, lr: float, allowed) -> list[dict]:
+    """The lr the optimizer state of ``saved`` (a mabn.checkpoint.Checkpoint) restores against the one this
+    start computes: with optim.lr null the lr follows the SGD batch (linear scaling), so resuming on another
+    number of devices or another data.batch_size changes it without any optim.* key changing."""
+    restored = saved.payload["optimizer"]["param_groups"][0].get("initial_lr")
+    if restored is None or abs(float(restored) - lr) <= 1e-12 * lr:
+        return []
+    if "optim.lr" not in set(allowed or ()):
+        raise ConfigError(f"the checkpoint restores lr {float(restored):g}, but this start computes lr {lr:g} "
+                          f"(another SGD batch: devices or data.batch_size); add run.allow_changes=[optim.lr] to "
+                          f"apply {lr:g} from iteration {saved.iteration}, or resume as the run was started")
+    return [{"iter": saved.iteration, "key": "lr", "old": float(restored), "new": lr}]

@@ -161,6 +161,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, data_root
     last.write_bytes(last.read_bytes()[:1000])
     out = train([*SHORT, f"run.dir={r}"], tmp_path, data_root)
     assert f"cannot read checkpoint {last}" in out.stdout and "resuming from the older last.1.pt" in out.stdout
+    assert (r / "checkpoints" / "last.pt.unreadable").is_file()  # set aside: no rotation pushes it over a good one
     assert "iteration 6" in out.stdout and _train_iters(r) == list(range(1, 13))
     for path in _checkpoints(r):
         path.write_bytes(b"torn")
@@ -185,6 +186,7 @@ def test_unwritable_checkpoint_folder_fails_in_the_first_second(tmp_path, data_r
     ("train.eval_max_batches=0", "train.eval_max_batches must be a positive integer or null, got 0"),
     ("train.max_iters_per_epoch=0", "train.max_iters_per_epoch must be a positive integer or null, got 0"),
     ("schedule.warmup_factor=0", "schedule.warmup_factor must be a number in (0, 1]"),
+    ("logger.mode=bogus", "logger.mode must be online, offline or disabled, got 'bogus'"),
 ])
 def test_bad_hyper_parameters_are_named_and_leave_no_run_directory(arg, message, tmp_path, data_root):
     out = train(["norm=mabn", "batch=2", arg], tmp_path, data_root, check=False)
@@ -262,3 +264,17 @@ def test_a_checkpoint_of_the_old_format_resumes(tmp_path, data_root):
     assert (plan.norm_batch, plan.device_batch, cfg.batch_mode) == (2, 8, "grouped")
     out = train([*SHORT, f"run.dir={r}"], tmp_path, data_root)
     assert "resumed from" in out.stdout and "iteration 4" in out.stdout and _train_iters(r) == list(range(1, 13))
+
+
+def test_another_sgd_batch_on_resume_changes_the_lr_only_when_allowed():
+    """With optim.lr null the lr follows the SGD batch: resuming on other devices changes it with no key."""
+    from types import SimpleNamespace
+
+    from mabn.config import ConfigError
+    from mabn.rundir import lr_change
+
+    saved = SimpleNamespace(payload={"optimizer": {"param_groups": [{"initial_lr": 0.1}]}}, iteration=5)
+    assert lr_change(saved, 0.1, []) == []
+    with pytest.raises(ConfigError, match=r"restores lr 0.1, but this start computes lr 0.2 .*\[optim.lr\]"):
+        lr_change(saved, 0.2, [])
+    assert lr_change(saved, 0.2, ["optim.lr"]) == [{"iter": 5, "key": "lr", "old": 0.1, "new": 0.2}]

@@ -69,12 +69,24 @@ def test_resume_after_a_stop_continues_exactly(tmp_path):
         assert torch.equal(value, resumed["model"][key]), key
 
 
+def test_resume_with_another_lr_is_refused(tmp_path):
+    """detectron2's checkpointer restores the lr schedule: train_coco.py refuses rather than record a change
+    that would not happen."""
+    train_coco(["norm=bn", "train.stop_after_iters=2"], tmp_path / "runs", tmp_path / "data")
+    out = train_coco(["norm=bn", "optim.base_lr=0.05"], tmp_path / "runs", tmp_path / "data", check=False)
+    assert out.returncode == 2 and "optim.base_lr=0.02 (now 0.05)" in out.stderr, out.stderr[-2000:]
+    assert "cannot apply it to a resumed run" in out.stderr
+
+
 def test_nonfinite_loss_exits_3_with_a_diverged_record(tmp_path):
     out = train_coco(["norm=bn", "optim.lr=1e30", "train.ckpt_period=1"], tmp_path / "runs", tmp_path / "data",
                      check=False)
     assert out.returncode == 3 and "at iteration" in out.stderr, out.stderr[-2000:]
     summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["bbox_AP"] is None and "at iteration" in summary["error"]
+    for path in (only_run(tmp_path / "runs") / "checkpoints").glob("*.pth"):  # no diverged step saved
+        model = torch.load(path, weights_only=False)["model"]
+        assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point()), path.name
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -21,7 +21,7 @@ from detectron2.utils.logger import setup_logger
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from .events import WandbWriter
-from .hooks import MetricPrinter, RNGState, StopHook, StopTraining, WallClock
+from .hooks import FiniteWeights, MetricPrinter, RNGState, StopHook, StopTraining, WallClock
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, train_loade
         RNGState(),
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=LRMultiplier(optimizer, schedule.lr_multiplier(), schedule.max_iter)),
+        FiniteWeights(model),  # before the checkpointer: no checkpoint of a diverged step
         hooks.PeriodicCheckpointer(checkpointer, schedule.ckpt_period, max_to_keep=2),
         hooks.EvalHook(schedule.eval_period, run_eval),
         hooks.PeriodicWriter(writers, period=schedule.log_period),

@@ -12,6 +12,8 @@ from detectron2.engine import HookBase
 from detectron2.utils.events import CommonMetricPrinter, get_event_storage
 
 from mabn.checkpoint import rng_state, set_rng_state
+from mabn.dist import all_reduce_max
+from mabn.engine import state_tensors
 
 
 class StopTraining(BaseException):  # noqa: N818 - control flow, like SystemExit: not an error to log
@@ -90,3 +92,17 @@ class StopHook(HookBase):
             return
         self._save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
         raise StopTraining(f"{reason} at iteration {self.trainer.iter + 1}", code)
+
+
+class FiniteWeights(HookBase):
+    """After each step and before any checkpoint hook: every rank's weights and buffers are finite, or the run
+    stops here as diverged. detectron2 checks the loss only; a finite loss can come with an update that makes
+    the weights non-finite (a huge lr), and that step must not become the "last good" checkpoint."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._tensors = state_tensors(model)
+
+    def after_step(self):
+        worst = torch.nn.utils.get_total_norm(self._tensors, norm_type=float("inf"))
+        if all_reduce_max((~torch.isfinite(worst)).float().reshape(1)).item():  # the same step on every rank
+            raise FloatingPointError("non-finite weights after the optimizer step")
