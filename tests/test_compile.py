@@ -59,7 +59,6 @@ def _close(a, b, what):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("name, groups", CASES, ids=[f"{n}-{g}" for n, g in CASES])
 def _forward_backward(models, x, dy) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(output, input gradient) of one forward and backward of each model on the same x and dy."""
     outs = []
@@ -72,6 +71,7 @@ def _forward_backward(models, x, dy) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return outs
 
 
+@pytest.mark.parametrize("name, groups", CASES, ids=[f"{n}-{g}" for n, g in CASES])
 def test_compiled_equals_eager(name, groups):
     from torch._inductor.compile_fx import compile_fx
 
