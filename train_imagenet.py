@@ -123,6 +123,7 @@ def _claim_on_rank0(cfg: DictConfig, config: dict, checkpointer: Checkpointer, l
                            f"{', '.join(p.name for p in moved)})")
         for name in ("metrics.jsonl", "diag_batch_stats.jsonl"):  # records after the checkpoint: written again
             truncate_jsonl(run_dir / name, saved.iteration, "iter")
+    checkpointer.remove_partial()
     rundir.begin(run_dir, config, resuming=saved is not None)
     for notice in notices:
         print(notice, flush=True)

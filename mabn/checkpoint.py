@@ -144,6 +144,13 @@ class Checkpointer:
                 self.unreadable.append(path)
         return None, notices
 
+    def remove_partial(self) -> list[Path]:
+        """Delete temporary files a kill mid-save left behind (each the size of a checkpoint)."""
+        partial = sorted(self.dir.glob(".*.tmp-*")) if self.dir.is_dir() else []
+        for path in partial:
+            path.unlink()
+        return partial
+
     def set_aside_unreadable(self) -> list[Path]:
         """Rename the files ``newest`` could not read to ``*.unreadable``: the next save's rotation would
         otherwise push a torn file over the good one the run resumed from."""

@@ -159,9 +159,11 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, data_root
     train([*SHORT, f"run.dir={r}", "train.stop_after_iters=8"], tmp_path, data_root)  # epoch end 6, stop 8
     last = r / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
+    (r / "checkpoints" / ".next.pt.tmp-123").write_bytes(b"half a save")  # killed mid-save
     out = train([*SHORT, f"run.dir={r}"], tmp_path, data_root)
     assert f"cannot read checkpoint {last}" in out.stdout and "resuming from the older last.1.pt" in out.stdout
     assert (r / "checkpoints" / "last.pt.unreadable").is_file()  # set aside: no rotation pushes it over a good one
+    assert not list((r / "checkpoints").glob(".*.tmp-*"))  # partial saves removed
     assert "iteration 6" in out.stdout and _train_iters(r) == list(range(1, 13))
     for path in _checkpoints(r):
         path.write_bytes(b"torn")
