@@ -174,14 +174,16 @@ def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo):
 
 def _summarize(outcome: Outcome, loop: TrainLoop, recorder: RunRecorder, facts: RunFacts, *, skipped: int,
                info: dist.DistInfo) -> None:
-    """summary.json for a finished or diverged run (a stopped one writes none: it is not over)."""
+    """summary.json for a finished or diverged run (a stopped one, or one that could not checkpoint, writes
+    none: it is not over, and its rerun resumes)."""
     state = outcome.state
     common = {"iters": state["iter"], "wall_time_s": loop.elapsed(), "skipped_images": skipped,
               "config_changes": state.get("changes", []),
               "checkpoint": str(loop.ckpt.last) if loop.ckpt.last.exists() else None}
-    if outcome.status == "stopped":
+    if outcome.status in ("stopped", "failed"):
         if info.is_main:
-            print(outcome.message, flush=True)
+            print(("error: " if outcome.status == "failed" else "") + outcome.message, flush=True,
+                  file=sys.stderr if outcome.status == "failed" else sys.stdout)
     elif outcome.status == "diverged":
         print(f"error: {outcome.message}", file=sys.stderr, flush=True)
         recorder.write_summary(facts(**common, status="diverged", error=outcome.message, top1=None))

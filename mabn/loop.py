@@ -17,13 +17,22 @@ import torch
 from torch import nn
 
 from . import dist
-from .checkpoint import Checkpoint, Checkpointer, load_norm_state, norm_state, rng_state, set_rng_state
+from .checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    CheckpointError,
+    load_norm_state,
+    norm_state,
+    rng_state,
+    set_rng_state,
+)
 from .engine import NonFiniteError, StepContext, evaluate, train_one_epoch
 from .norms import batch_dependent_types
 from .precise_bn import recompute_norm_stats
 from .preemption import EXIT_PREEMPTED, StopSignals
 
 EXIT_NONFINITE = 3  # exit code of a diverged run (train_coco.py uses the same, through mabn.entry)
+EXIT_FAILED = 1  # a checkpoint could not be written
 
 
 @dataclass
@@ -60,7 +69,7 @@ class Parts:
 
 @dataclass
 class Outcome:
-    """How a run ended: finished (0), stopped (0 or 143) or diverged (3)."""
+    """How a run ended: finished (0), stopped (0 or 143), diverged (3) or failed (1: no checkpoint written)."""
 
     status: str
     exit_code: int = 0
@@ -121,13 +130,20 @@ class TrainLoop:
             gathered = [None] * self.info.world_size
             torch.distributed.all_gather_object(gathered, per_rank[0])
             per_rank = gathered
-        if not self.info.is_main:
-            return
-        payload = {"model": self.p.model.state_dict(), "optimizer": self.p.optimizer.state_dict(),
-                   "scheduler": self.p.scheduler.state_dict(),
-                   "scaler": self.scaler.state_dict() if self.scaler else None, "per_rank": per_rank,
-                   "config": self.config, "state": {**self.state, "elapsed": self.elapsed()}}
-        self.ckpt.save(payload, best=best)
+        error = None
+        if self.info.is_main:
+            payload = {"model": self.p.model.state_dict(), "optimizer": self.p.optimizer.state_dict(),
+                       "scheduler": self.p.scheduler.state_dict(),
+                       "scaler": self.scaler.state_dict() if self.scaler else None, "per_rank": per_rank,
+                       "config": self.config, "state": {**self.state, "elapsed": self.elapsed()}}
+            try:
+                self.ckpt.save(payload, best=best)
+            except (OSError, CheckpointError) as err:  # a full disk: every rank stops, none waits
+                error = f"cannot write a checkpoint in {self.ckpt.dir}: {err}"
+        if self.info.world_size > 1:
+            error = dist.broadcast_object(error)
+        if error is not None:
+            raise CheckpointError(error)
 
     def fit(self) -> Outcome:
         """Train to the last epoch, or until a stop or a divergence."""
@@ -140,6 +156,8 @@ class TrainLoop:
             where = f"after epoch {self.state['epoch'] + 1} (iteration {self.state['iter']})"
             message = str(err) if "iteration" in str(err) else f"{err} {where}; the last good checkpoint is kept"
             return Outcome("diverged", EXIT_NONFINITE, message, self.state)
+        except CheckpointError as err:
+            return Outcome("failed", EXIT_FAILED, f"{err}; the previous checkpoint is kept", self.state)
         return Outcome("finished", 0, "", self.state)
 
     def _train_epoch(self) -> bool:

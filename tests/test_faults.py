@@ -280,3 +280,15 @@ def test_another_sgd_batch_on_resume_changes_the_lr_only_when_allowed():
     with pytest.raises(ConfigError, match=r"restores lr 0.1, but this start computes lr 0.2 .*\[optim.lr\]"):
         lr_change(saved, 0.2, [])
     assert lr_change(saved, 0.2, ["optim.lr"]) == [{"iter": 5, "key": "lr", "old": 0.1, "new": 0.2}]
+
+
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_clearly(tmp_path, data_root):
+    """A full disk at a checkpoint: a one-line error, exit 1, the previous checkpoint kept, no summary."""
+    r = tmp_path / "R"
+    train([*SHORT, f"run.dir={r}", "train.stop_after_iters=3"], tmp_path, data_root)
+    before = (r / "checkpoints" / "last.pt").read_bytes()
+    (r / "checkpoints" / "last.1.pt").mkdir()  # the rotation's rename onto it fails, as a full disk would
+    out = train([*SHORT, f"run.dir={r}"], tmp_path, data_root, check=False)
+    assert out.returncode == 1 and "error: cannot write a checkpoint in" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (r / "summary.json").exists()
+    assert (r / "checkpoints" / "last.pt").read_bytes() == before
