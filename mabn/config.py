@@ -26,7 +26,17 @@ def variant_suffix(norm) -> str:
     return "".join(f"-{part.replace('=', '_')}" for part in variant.split(", ") if part)
 
 
+def model_label(model) -> str:
+    """``${model_label:${model}}`` in a run name: the model's name, and for model=timm its architecture too
+    (two timm runs of other architectures get run directories of their own)."""
+    name = str(model.get("name"))
+    missing = OmegaConf.is_config(model) and "arch" in model and OmegaConf.is_missing(model, "arch")
+    arch = None if missing else model.get("arch")
+    return f"{name}_{arch}" if arch else name
+
+
 OmegaConf.register_new_resolver("norm_variant", variant_suffix, replace=True)
+OmegaConf.register_new_resolver("model_label", model_label, replace=True)
 
 
 class ConfigError(ValueError):

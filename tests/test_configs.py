@@ -98,6 +98,8 @@ def test_slurm_launcher_composes():
 def test_run_dir_is_deterministic():
     a, b = compose_cfg("norm=mabn", "batch=2", "seed=1"), compose_cfg("norm=mabn", "batch=2", "seed=1")
     assert a.run.dir == b.run.dir and a.run.dir.endswith("imagenet-resnet50-mabn-n2-b32-s1")
+    # timm runs of other architectures get directories of their own
+    assert compose_cfg("model=timm", "model.arch=resnet10t").run.name == "imagenet-timm_resnet10t-bn-n32-b32-s0"
 
 
 def test_syncbn_across_cpu_processes_is_refused(data_root):
