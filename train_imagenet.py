@@ -56,7 +56,7 @@ def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignal
     lr = linear_scaled_lr(cfg.optim, plan.sgd_batch)
     saved, changes = claim_run_dir(cfg, config, checkpointer, info, lr)  # before any data or model is built
     torch.manual_seed(cfg.seed + info.rank)
-    parts, settings, lr, recipe, datasets = build(cfg, plan, info)
+    parts, settings, recipe, datasets = build(cfg, plan, info, lr)
     recorder = RunRecorder(cfg.run.dir, enabled=info.is_main, wandb_cfg=OmegaConf.to_container(cfg.logger),
                            config=config, name=cfg.run.name)
     loop = TrainLoop(parts, settings, recorder=recorder, checkpointer=checkpointer, stops=stops, info=info,
@@ -130,8 +130,9 @@ def _claim_on_rank0(cfg: DictConfig, config: dict, checkpointer: Checkpointer, l
     return saved, changes
 
 
-def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo):
-    """The loop's parts and settings, the lr, the norm recipe and the datasets (for their skip counts)."""
+def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, lr: float):
+    """The loop's parts and settings (the optimizer at ``lr``), the norm recipe and the datasets (for their
+    skip counts)."""
     device = info.device
     train_ds, val_ds = build_datasets(cfg.data, cfg.seed)
     loader_args = dict(batch_size=plan.device_batch, workers=cfg.data.workers, rank=info.rank,
@@ -147,7 +148,6 @@ def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo):
     dtype = amp_dtype(cfg.train.amp, device)
     channels_last = device.type == "cuda" if cfg.train.channels_last == "auto" else bool(cfg.train.channels_last)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    lr = linear_scaled_lr(cfg.optim, plan.sgd_batch)
     graphs = bool(cfg.train.cuda_graphs)
     optimizer = build_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True), lr, capturable=graphs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -169,7 +169,7 @@ def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo):
     settings = Settings(cfg.epochs, ipe, cfg.train.log_every, cfg.train.ckpt_every_iters,
                         cfg.train.stop_after_iters, cfg.train.eval_max_batches, cfg.train.precise_bn_batches,
                         cfg.diag.every)
-    return parts, settings, lr, recipe, (train_ds, val_ds)
+    return parts, settings, recipe, (train_ds, val_ds)
 
 
 def _summarize(outcome: Outcome, loop: TrainLoop, recorder: RunRecorder, facts: RunFacts, *, skipped: int,
