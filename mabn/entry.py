@@ -51,6 +51,9 @@ def run_job(body: Callable[[StopSignals], int], run_dir: Path | None = None) -> 
     stops = StopSignals()
     try:
         code = body(stops)
+        # every rank ends here at the same step; tearing the group down while another rank still talks
+        # over it (rank 0 writing the checkpoint) aborts the process under gloo
+        dist.barrier()
     except ConfigError as err:
         code = config_failure(err, run_dir)
     finally:
