@@ -173,3 +173,69 @@ def test_cbn_resnet_trains_and_folds():
         expected = model(x)
         assert ((folded(x) - expected).abs().max() / expected.abs().max()).item() <= 1e-5
     assert len(report.folded) == 20 and not report.kept
+
+
+@pytest.mark.parametrize("stride,groups,dilation", [(1, 1, 1), (2, 2, 1), (1, 1, 2)])
+def test_closed_form_derivatives_equal_autograd(monkeypatch, stride, groups, dilation):
+    """∂μ/∂W and ∂ν/∂W from the conv's weight gradient (all normalization batches in one grouped call) equal
+    autograd through the conv, for strided, grouped and dilated convs, and the training runs coincide."""
+    import mabn.norms.cbn as cbn
+
+    def net():
+        torch.manual_seed(4)
+        conv = nn.Conv2d(4, 6, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups,
+                         bias=False).double()
+        pair = nn.Sequential(conv, CrossIterationBatchNorm2d(6, window=3, group_size=2).double())
+        assert center_conv_weights(pair) == ["0"]
+        return pair
+
+    closed, reference = net(), net()
+    used = []
+    real = cbn.conv_derivatives
+    monkeypatch.setattr(cbn, "conv_derivatives", lambda *a: used.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(5)
+    for step in range(3):
+        inp = torch.randn(6, 4, 7, 6, generator=gen, dtype=torch.float64) + step
+        dy = torch.randn(6, 6, *closed[0](inp).shape[2:], generator=gen, dtype=torch.float64)
+        y1 = closed(inp.clone().requires_grad_(True))
+        y1.backward(dy)
+        with monkeypatch.context() as m:
+            m.setattr(cbn, "conv_of", lambda y, w: None)  # the autograd path
+            y2 = reference(inp.clone().requires_grad_(True))
+            y2.backward(dy)
+        isclose_report(y1, y2, f"output, step {step}")
+        for key in ("ring_dmu", "ring_dnu", "ring_mu", "ring_nu"):
+            isclose_report(closed[1].state_dict()[key], reference[1].state_dict()[key], f"{key}, step {step}")
+        isclose_report(closed[0].weight.grad, reference[0].weight.grad, f"conv grad, step {step}")
+        for a, b in zip(closed.parameters(), reference.parameters(), strict=True):
+            with torch.no_grad():
+                step_ = 0.05 * torch.randn(a.shape, generator=gen, dtype=torch.float64)
+                a.add_(step_), b.add_(step_)
+            a.grad = b.grad = None
+    assert len(used) == 3  # one closed-form call per forward (three normalization batches each)
+    assert closed[1].ring_dnu.abs().sum() > 0
+
+
+def test_something_between_conv_and_norm_takes_the_autograd_path():
+    """conv → ×2 → CBN is not the conv's direct output: the derivatives must come from autograd (the closed
+    form would miss the factor); its outputs equal conv(2W) → CBN, the same function of the input."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
+    doubled = copy.deepcopy(conv)
+    with torch.no_grad():
+        doubled.weight.mul_(2)
+    a_norm = CrossIterationBatchNorm2d(3, window=3).double()
+    b_norm = CrossIterationBatchNorm2d(3, window=3).double()
+    a_norm.pair_feeding_conv(conv)
+    b_norm.pair_feeding_conv(doubled)
+    gen = torch.Generator().manual_seed(7)
+    for step in range(4):
+        inp = torch.randn(3, 2, 5, 5, generator=gen, dtype=torch.float64) + step
+        ya = a_norm(conv(inp.clone().requires_grad_(True)) * 2)
+        yb = b_norm(doubled(inp.clone().requires_grad_(True)))
+        isclose_report(ya, yb, f"output, step {step}")
+        ya.sum().backward(), yb.sum().backward()
+        with torch.no_grad():
+            move = 0.05 * torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
+            conv.weight.add_(move), doubled.weight.add_(2 * move)
+    isclose_report(a_norm.ring_dmu, 2 * b_norm.ring_dmu, "∂μ/∂W: twice the doubled conv's (the chain rule)")

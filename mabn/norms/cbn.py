@@ -7,10 +7,14 @@ weights W_t of the feeding conv by a first-order Taylor term, μ_{t−τ}(W_t) �
 Gradients flow through the current statistics only (the official code uses ``weight.data`` in the Taylor
 term). Until ``burnin_iters`` normalization batches have passed it is plain BN (the paper's burn-in); the
 rings are filled from the start, so compensation has its whole window when burn-in ends. Eval and folding
-are BN's (running statistics of the current batches). ∂μ/∂W and ∂ν/∂W come from autograd on the feeding
-conv's weight, paired through ``center_conv_weights`` like weight centering; without a paired conv (or
-without autograd, e.g. under ``torch.no_grad``) each batch is normalized by its own statistics and the rings
-stay as they are. Every window slot holds W and two derivatives of W's size: 3(k−1) copies of the conv
+are BN's (running statistics of the current batches). The feeding conv is paired through
+``center_conv_weights`` like weight centering. When this layer's input is that conv's output (its autograd
+node holds the conv's input), ∂μ_c/∂W_c and ∂ν_c/∂W_c come in closed form as two weight gradients of the
+conv on the normalization batch's inputs, with output gradients 1/m and 2y/m (m values per channel): the
+cost of two conv backward passes over the device batch. Otherwise (something between conv and norm)
+autograd differentiates μ and ν w.r.t. W, one pass per normalization batch. Without a paired conv (or
+without autograd, e.g. under ``torch.no_grad``) each batch is normalized by its own statistics and the
+rings stay as they are. Every window slot holds W and two derivatives of W's size: 3(k−1) copies of the conv
 weight in buffers.
 """
 
@@ -97,10 +101,13 @@ class CrossIterationBatchNorm2d(nn.Module):
             raise ValueError(f"CBN needs more than 1 value per channel in a normalization batch, got group "
                              f"of {n} sample(s) of spatial size {tuple(x.shape[2:])}")
         w = self._conv_weight(x)
+        conv = conv_of(x, w) if w is not None else None
+        grads = conv_derivatives(x.to(stat_dtype(x)), w, conv, groups) if conv is not None else None
         # G consecutive normalization batches with the same weights, in order (the grouped contract)
-        return torch.cat([self._step(x[g * n:(g + 1) * n], w) for g in range(groups)])
+        return torch.cat([self._step(x[g * n:(g + 1) * n], w, None if grads is None else
+                                     (grads[0][g], grads[1][g])) for g in range(groups)])
 
-    def _step(self, x: Tensor, w: Tensor | None) -> Tensor:
+    def _step(self, x: Tensor, w: Tensor | None, grads: tuple[Tensor, Tensor] | None = None) -> Tensor:
         dt = stat_dtype(x)
         xd = x.to(dt)
         dims = (0, *range(2, x.dim()))
@@ -109,7 +116,7 @@ class CrossIterationBatchNorm2d(nn.Module):
         mu_bar, nu_bar = mu, torch.maximum(nu, mu * mu)
         if w is not None:
             mu_bar, nu_bar = self._cross_iteration(mu, nu_bar, w)
-            self._push(mu, nu, w)
+            self._push(mu, nu, w, grads or autograd_derivatives(mu, nu, w))
         var = (nu_bar - mu_bar * mu_bar).clamp_min(0)
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
@@ -134,12 +141,9 @@ class CrossIterationBatchNorm2d(nn.Module):
         total = 1 + use.sum()
         return (mu + (use * mu_prev).sum(dim=0)) / total, (nu_bar + (use * nu_prev).sum(dim=0)) / total
 
-    def _push(self, mu: Tensor, nu: Tensor, w: Tensor) -> None:
-        """Store this batch's statistics, their derivatives w.r.t. W (autograd) and W in the rings."""
-        ones = torch.ones_like(mu)
-        # allow_unused: a conv paired by position whose output is not this input gives zero derivatives
-        dmu, = torch.autograd.grad(mu, w, ones, retain_graph=True, allow_unused=True, materialize_grads=True)
-        dnu, = torch.autograd.grad(nu, w, ones, retain_graph=True, allow_unused=True, materialize_grads=True)
+    def _push(self, mu: Tensor, nu: Tensor, w: Tensor, grads: tuple[Tensor, Tensor]) -> None:
+        """Store this batch's statistics, their derivatives w.r.t. W and W in the rings."""
+        dmu, dnu = grads
         with torch.no_grad():
             slot = (self.num_batches_tracked % (self.window - 1)).view(1)
             for name, value in (("ring_mu", mu), ("ring_nu", nu), ("ring_dmu", dmu), ("ring_dnu", dnu),
@@ -147,3 +151,52 @@ class CrossIterationBatchNorm2d(nn.Module):
                 ring = getattr(self, name)
                 ring.index_copy_(0, slot, value.detach().to(ring.dtype)[None])
             self.ring_valid.index_fill_(0, slot, 1.0)
+
+
+def conv_of(y: Tensor, w: Tensor) -> tuple[Tensor, dict] | None:
+    """The input and settings of the 2-d convolution with weight ``w`` whose output is ``y`` — read from
+    ``y``'s autograd node — or None when ``y`` is not such a conv's direct output."""
+    node = y.grad_fn
+    if y.dim() != 4 or type(node).__name__ != "ConvolutionBackward0" or node._saved_transposed:
+        return None
+    src = node.next_functions[1][0]  # the weight's branch; under autocast through a dtype cast
+    while type(src).__name__ == "ToCopyBackward0":
+        src = src.next_functions[0][0]
+    if getattr(src, "variable", None) is not w:
+        return None
+    return node._saved_input, {"stride": node._saved_stride, "padding": node._saved_padding,
+                               "dilation": node._saved_dilation, "groups": node._saved_groups}
+
+
+def autograd_derivatives(mu: Tensor, nu: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """∂μ/∂W and ∂ν/∂W (summed over channels: row c of W moves channel c only) by autograd, through
+    whatever lies between W and this layer's input."""
+    ones = torch.ones_like(mu)
+    # allow_unused: a conv paired by position whose output is not this input gives zero derivatives
+    dmu, = torch.autograd.grad(mu, w, ones, retain_graph=True, allow_unused=True, materialize_grads=True)
+    dnu, = torch.autograd.grad(nu, w, ones, retain_graph=True, allow_unused=True, materialize_grads=True)
+    return dmu, dnu
+
+
+def conv_derivatives(y: Tensor, w: Tensor, conv: tuple[Tensor, dict], groups: int) -> tuple[Tensor, Tensor]:
+    """∂μ/∂W and ∂ν/∂W of each of ``groups`` normalization batches of the conv output ``y``: (G, *W.shape).
+
+    μ_c = mean(y_c) and ν_c = mean(y_c²) over the m values of a channel are reductions of the conv's
+    output, so their derivatives are the conv's weight gradients for output gradients 1/m and 2·y/m. All G
+    batches in one call each: batch g's samples become channel group g of a conv with G times the groups."""
+    inp, settings = conv
+    with torch.no_grad():
+        y = y.detach()
+        n = y.shape[0] // groups
+        m = n * y[0, 0].numel()
+
+        def by_group(t: Tensor) -> Tensor:  # (G·n, C, H, W) -> (n, G·C, H, W)
+            return t.unflatten(0, (groups, n)).transpose(0, 1).flatten(1, 2)
+
+        x = by_group(inp.detach().to(y.dtype))
+        shape = (groups * w.shape[0], *w.shape[1:])
+        grouped = {**settings, "groups": settings["groups"] * groups}
+
+        def weight_grad(grad_out: Tensor) -> Tensor:
+            return torch.nn.grad.conv2d_weight(x, shape, by_group(grad_out), **grouped).unflatten(0, (groups, -1))
+        return weight_grad(torch.full_like(y, 1.0 / m)), weight_grad(y * (2.0 / m))
