@@ -230,3 +230,38 @@ def test_ablation_variants_get_rows_of_their_own(tmp_path):
     assert "| mabn [weight_centering=false] | 11.00 (1) |" in md
     assert "| mabn | 2 | 7.75 ± 0.35 (2) | 2 | 23.67 |" in md
     assert "| mabn [backward_stat=batch, renorm=false] | 2 | 9.00 (1) | 1 |  |" in md
+
+
+def test_ablation_claims_say_what_each_switch_does(tmp_path):
+    """Each ablated row against mabn at its n, the n = 32 control seed by seed, and the centering verdict."""
+    runs, mabn = tmp_path / "runs", {"window": 16, "weight_centering": True}
+    rows = {("bn", 32, None): (16.0, 16.5, 17.0), ("mabn", 32, None): (14.0, 14.5, 15.0),
+            ("mabn", 2, None): (15.0, 15.25, 15.5),
+            ("mabn", 2, (("backward_stat", "batch"),)): (18.0, 19.0, 20.0),
+            ("mabn", 2, (("forward_stat", "batch"),)): (15.0, 15.5, 16.0),
+            ("mabn", 32, (("forward_stat", "batch"), ("backward_stat", "batch"))): (14.0, 14.5, 15.0),
+            ("mabn", 32, (("weight_centering", False),)): (16.0, 16.5, 17.25)}
+    for (norm, n, switches), errs in rows.items():
+        for seed, err in enumerate(errs):
+            params = {**mabn, **dict(switches or ())} if norm == "mabn" else {}
+            name = f"{norm}-{'-'.join(k for k, _ in switches or ())}-n{n}-s{seed}"
+            write_run(runs, name, norm=norm, norm_batch=n, seed=seed, top1=100.0 - err, norm_params=params)
+    collect(sorted(runs.iterdir()), tmp_path / "records")
+    text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+    section = text.split("## What each part of MABN does, checked on these records")[1].split("## Reported")[0]
+    assert ("- mabn [backward_stat=batch]@2 worse than mabn@2 beyond the seed spread: **yes** — 19.00 ± 1.00 vs "
+            "15.25 ± 0.25: gap +3.75, spread 1.25.") in section
+    assert "- mabn [forward_stat=batch]@2 worse than mabn@2 beyond the seed spread: **no** — 15.50 ± 0.50" in section
+    assert ("- Control: mabn [forward_stat=batch, backward_stat=batch]@32 equals mabn@32 seed by seed (a window "
+            "of one batch): **yes** (3 seeds).") in section
+    assert "- mabn@32 better than bn@32 beyond the seed spread: **yes** — 14.50 ± 0.50 vs 16.50 ± 0.50" in section
+    assert "- What explains it: **the weight centering (without it mabn is at bn's level)**" in section
+    # without centering mabn stays where it was: centering does not explain it; a control that differs says no
+    for seed, err in enumerate((14.25, 14.75, 15.0)):
+        rec = tmp_path / "records" / "fmnist" / f"mabn-weight_centering-n32-s{seed}" / "summary.json"
+        rec.write_text(json.dumps({**json.loads(rec.read_text()), "top1": 100.0 - err}))
+    rec = tmp_path / "records" / "fmnist" / "mabn-forward_stat-backward_stat-n32-s1" / "summary.json"
+    rec.write_text(json.dumps({**json.loads(rec.read_text()), "top1": 80.0}))
+    text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+    assert "- What explains it: **not the weight centering (without it mabn stays better than bn)" in text
+    assert "equals mabn@32 seed by seed (a window of one batch): **no** (3 seeds)." in text
