@@ -124,7 +124,9 @@ def _claim_on_rank0(cfg: DictConfig, config: dict, checkpointer: Checkpointer, l
         for name in ("metrics.jsonl", "diag_batch_stats.jsonl"):  # records after the checkpoint: written again
             truncate_jsonl(run_dir / name, saved.iteration, "iter")
     checkpointer.remove_partial()
-    rundir.begin(run_dir, config, resuming=saved is not None)
+    # a rerun of a finished run (a sweep over its cells again) trains nothing: its summary.json stays
+    over = saved is not None and not changes and saved.payload["state"]["epoch"] >= cfg.epochs
+    rundir.begin(run_dir, config, resuming=saved is not None and not over)
     for notice in notices:
         print(notice, flush=True)
     return saved, changes
@@ -187,6 +189,10 @@ def _summarize(outcome: Outcome, loop: TrainLoop, recorder: RunRecorder, facts: 
     elif outcome.status == "diverged":
         print(f"error: {outcome.message}", file=sys.stderr, flush=True)
         recorder.write_summary(facts(**common, status="diverged", error=outcome.message, top1=None))
+    elif loop.was_over and (recorder.run_dir / "summary.json").is_file():
+        # nothing ran in this start: the record of the start that trained stays (its commit, time, command)
+        if info.is_main:
+            print(f"already finished: records in {recorder.run_dir} kept as they are", flush=True)
     else:
         final = state["last_eval"]
         inference = (f"precise_bn over {loop.s.precise_bn_batches} batches per rank, each epoch (top1_precise); "

@@ -88,6 +88,7 @@ class TrainLoop:
         self.state = {"epoch": 0, "iter_in_epoch": 0, "iter": 0, "best_top1": None, "elapsed": 0.0,
                       "last_eval": None, "changes": []}
         self._started, self._steps, self._stop = time.time(), 0, (0, False)
+        self._was_over = False
         self.scaler = parts.ctx.scaler
 
     @property
@@ -145,8 +146,14 @@ class TrainLoop:
         if error is not None:
             raise CheckpointError(error)
 
+    @property
+    def was_over(self) -> bool:
+        """True when this start found the run already trained and evaluated (a rerun of a finished cell)."""
+        return self._was_over
+
     def fit(self) -> Outcome:
         """Train to the last epoch, or until a stop or a divergence."""
+        self._was_over = self.state["epoch"] >= self.s.epochs
         try:
             while self.state["epoch"] < self.s.epochs:
                 if self._train_epoch():

@@ -255,6 +255,8 @@ def ablation_claims(grid: list[Cell], key: str = "top1_err", large: int = 32) ->
     seed spread? At n = ``large`` (a window of one batch): the both-``batch`` row must equal mabn seed by
     seed (a control: the switches change nothing there), and whether mabn beats bn and whether the weight
     centering explains it (without it, mabn falls back to bn's level) or not (it stays at mabn's)."""
+    if not any(c.runs[0].get("variant") for c in grid):  # not an ablation table
+        return []
     by = {(c.label, c.n): c for c in grid}
     stats = {k: _spread(c, key) for k, c in by.items()}
     out = []

@@ -60,6 +60,17 @@ def test_device_mode_and_window(tmp_path, data_root):
     assert summary["device_batch"] == 4 and summary["norm_batch"] == 4 and summary["norm_params"]["window"] == 8
 
 
+def test_rerun_of_a_finished_run_keeps_its_record(tmp_path, data_root):
+    """A sweep rerun over a finished cell trains nothing and leaves summary.json as the training start wrote
+    it (its commit, time and command), byte for byte, and adds no metrics."""
+    train(["norm=bn", "batch=2"], tmp_path, data_root)
+    d = run_dir(tmp_path)
+    summary, metrics = (d / "summary.json").read_bytes(), (d / "metrics.jsonl").read_bytes()
+    out = train(["norm=bn", "batch=2"], tmp_path, data_root)
+    assert "already finished" in out.stdout
+    assert (d / "summary.json").read_bytes() == summary and (d / "metrics.jsonl").read_bytes() == metrics
+
+
 def _final_state(runs):
     saved = torch.load(run_dir(runs) / "checkpoints" / "last.pt", weights_only=False)
     return saved["model"], saved["optimizer"]["state"], saved["state"]
