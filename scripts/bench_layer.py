@@ -11,7 +11,9 @@ Python-int counters (as the official layer is written); with n < batch it is cal
 autograd keeps for backward (every device) and, on CUDA, the peak allocated during the step. Launches are
 the kernel-launching aten ops one forward and one backward dispatch (``mabn.launches``: a TorchDispatchMode,
 plus the Triton launches the fused path reports through ``note_launch``), summed over the groups for the
-naive baseline; the target is at most 4 + 4 per layer for mabn, brn and grouped bn.
+naive baseline; the target is at most 4 + 4 per layer for mabn, brn and grouped bn. The batch-free later
+norms (ln, in, gnws, evonorm_s0, frn) are timed on the whole batch; cbn only in bench_model.py, where its
+paired convs are.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from mabn.norms.registry import NormContext
 RESNET50_SHAPES = [(64, 112, 1), (64, 56, 6), (256, 56, 4), (128, 56, 1), (128, 28, 7), (512, 28, 5),
                    (256, 28, 1), (256, 14, 11), (1024, 14, 7), (512, 14, 1), (512, 7, 5), (2048, 7, 4)]
 SMALL_SHAPES = [(16, 8, 2), (32, 4, 1)]  # for the tests
+# cbn is timed in bench_model only: its Taylor terms need the paired conv, alone it is grouped BN
+BATCH_FREE = ("ln", "in", "gnws", "evonorm_s0", "frn")
 
 
 class _NaiveMABNStep(torch.autograd.Function):
@@ -122,6 +126,8 @@ def candidates(norm_batch: int, batch: int, window: int) -> list[tuple[str, int,
         if norm_batch != batch:
             out.append((name, norm_batch, build_norm(params, ctx_n).ctor))
     out.append(("gn", batch, build_norm("gn").ctor))
+    for name in BATCH_FREE:  # the later norms that need no batch (gnws: GN here, WS lives in the conv)
+        out.append((name, batch, build_norm(name).ctor))
     out.append(("naive-mabn", batch, lambda c: NaiveMABN2d(c, window=window)))
     if norm_batch != batch:
         out.append(("naive-mabn", norm_batch, lambda c: NaiveMABN2d(c, window=window)))

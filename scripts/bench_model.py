@@ -39,7 +39,7 @@ from mabn.models import build_model
 from mabn.norms import NormContext, build_norm
 from mabn.optim import build_optimizer
 
-NORMS = ("bn", "gn", "brn", "mabn")
+NORMS = ("bn", "gn", "brn", "mabn", "cbn", "gnws", "evonorm_s0", "frn", "ln", "in")  # bn first: the baseline
 
 
 def build(norm: str, n: int, batch: int, model_name: str, device, channels_last: bool,
@@ -99,11 +99,12 @@ def run(args) -> list[dict]:
             if batch % n:
                 raise ValueError(f"normalization batch {n} must divide the device batch {batch}")
             base = None
-            for norm in NORMS:
-                if norm == "gn" and n != args.norm_batches[0]:
+            for norm in args.norms:
+                free = not build_norm(norm, NormContext(device_batch=batch)).batch_dependent
+                if free and n != args.norm_batches[0]:
                     continue  # batch-free: one row per device batch
                 row = measure(args, norm, n, batch, device, dtype, channels_last)
-                if norm == "gn":
+                if free:
                     row["n"], row["mode"] = None, "batch-free"
                 base = base if base is not None else row["ms"]  # bn comes first
                 row["ratio"] = row["ms"] / base
@@ -133,18 +134,23 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batches", type=int_list, default=[32, 64], help="device batches, e.g. 32,64")
     p.add_argument("--norm-batches", type=int_list, default=[2, 32], help="normalization batches, e.g. 2,32")
+    p.add_argument("--norms", default=",".join(NORMS), help="norms timed in whole and grouped batches; bn first")
     p.add_argument("--small-norms", default="bn,mabn", help="norms timed at true device batch n")
     p.add_argument("--graphs", default="true", choices=["true", "false"],
                    help="on CUDA, also time the true-small-batch rows as one captured CUDA graph per step")
     args = p.parse_args(argv)
     args.small_norms = [s for s in args.small_norms.split(",") if s]
+    args.norms = [s for s in args.norms.split(",") if s]
     args.graphs = args.graphs == "true"
-    unknown = sorted(set(args.small_norms) - set(NORMS))
-    if unknown:
-        p.error(f"--small-norms: unknown {unknown}; choose from {list(NORMS)}")
+    for flag, names in (("--norms", args.norms), ("--small-norms", args.small_norms)):
+        unknown = sorted(set(names) - set(NORMS))
+        if unknown:
+            p.error(f"{flag}: unknown {unknown}; choose from {list(NORMS)}")
+    if args.norms[:1] != ["bn"]:
+        p.error(f"--norms must start with bn (the baseline of the ratios), got {','.join(args.norms)}")
     return run_and_record(p, args, "model", run,
-                          settings=["model", "image_size", "batches", "norm_batches", "repeats", "warmup",
-                                    "graphs"],
+                          settings=["model", "image_size", "batches", "norm_batches", "norms", "repeats",
+                                    "warmup", "graphs"],
                           columns=["norm", "batch", "n", "mode", "ms", "img_s", "ratio", "speedup",
                                    "graph_speedup", "launches", "saved_mb", "cuda_peak_mb"])
 

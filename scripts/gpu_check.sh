@@ -28,7 +28,7 @@ STEPS=(  # name|time limit (s)|command; the limits add up to 450 s: the check en
   "wheels|30|$PIP .whl/*.whl"
   "gpu-tests|180|$PYTEST $GPU_TEST_FILES"
   "bench-layer|60|$PY scripts/bench_layer.py --device cuda --repeats 30 --warmup 5"
-  "bench-model|120|$PY scripts/bench_model.py --device cuda --repeats 10 --warmup 3"
+  "bench-model|120|$PY scripts/bench_model.py --device cuda --batches 32 --repeats 10 --warmup 3"
   "bench-inference|40|$PY scripts/bench_inference.py --device cuda --repeats 30 --warmup 5"
   "performance-page|20|$PY scripts/make_performance.py"
 )

@@ -78,9 +78,13 @@ def test_benchmarks_run_and_render(tmp_path):
     records = {name: json.loads((out / f"{name}.json").read_text())
                for name in ("layer", "model", "inference")}
     assert {r["norm"] for r in records["layer"]["rows"]} == \
-        {"torch-bn", "bn", "brn", "mabn", "gn", "naive-mabn"}
+        {"torch-bn", "bn", "brn", "mabn", "gn", "naive-mabn", "ln", "in", "gnws", "evonorm_s0", "frn"}
     modes = {(r["norm"], r["mode"]) for r in records["model"]["rows"]}
     assert {("mabn", "grouped"), ("mabn", "true small batch"), ("gn", "batch-free")} <= modes
+    # the later norms: cbn grouped like the batch norms (with its paired convs), the others once per batch
+    assert {("cbn", "grouped"), ("cbn", "whole batch")} | {(n, "batch-free") for n in
+                                                           ("gnws", "evonorm_s0", "frn", "ln", "in")} <= modes
+    assert sum(r["mode"] == "batch-free" for r in records["model"]["rows"]) == 6
     assert {(r["norm"], r["folded"], r["batch"]) for r in records["inference"]["rows"]} == {
         (n, f, b) for n, f in (("bn", True), ("mabn", True), ("gn", False), ("bn", False)) for b in (1, 4)}
     for record in records.values():
@@ -133,3 +137,7 @@ def test_bad_benchmark_arguments_are_named():
     assert res.returncode != 0 and "expected comma-separated integers, got '32,x'" in res.stderr
     res = _run("scripts/bench_inference.py", "--device", "tpu")
     assert res.returncode != 0 and "--device must be auto, cpu or cuda, got 'tpu'" in res.stderr
+    res = _run("scripts/bench_model.py", "--norms", "bn,wsbn")
+    assert res.returncode != 0 and "--norms: unknown ['wsbn']; choose from" in res.stderr
+    res = _run("scripts/bench_model.py", "--norms", "mabn,bn")
+    assert res.returncode != 0 and "--norms must start with bn (the baseline of the ratios), got mabn,bn" in res.stderr
