@@ -28,11 +28,23 @@ def git_sha() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), e.g. "AMD EPYC 7763 64-Core Processor"; the
+    architecture where the system does not say. Two CPUs of one architecture can give a run other numbers."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware(device: torch.device) -> str:
     """A one-line description of the device the run used."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} threads={torch.get_num_threads()}"
+    return f"CPU {cpu_model()} x{os.cpu_count()} threads={torch.get_num_threads()}"
 
 
 def write_json_atomic(obj, path: Path) -> None:

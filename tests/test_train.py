@@ -66,6 +66,10 @@ def test_rerun_of_a_finished_run_keeps_its_record(tmp_path, data_root):
     train(["norm=bn", "batch=2"], tmp_path, data_root)
     d = run_dir(tmp_path)
     summary, metrics = (d / "summary.json").read_bytes(), (d / "metrics.jsonl").read_bytes()
+    # the record names the processor model, not only the architecture (Linux: /proc/cpuinfo)
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    for model in [x.split(":", 1)[1].strip() for x in cpuinfo if x.startswith("model name")][:1]:
+        assert json.loads(summary)["device"].startswith(f"CPU {model} (")
     out = train(["norm=bn", "batch=2"], tmp_path, data_root)
     assert "already finished" in out.stdout
     assert (d / "summary.json").read_bytes() == summary and (d / "metrics.jsonl").read_bytes() == metrics
