@@ -145,8 +145,12 @@ def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, lr: float):
     ipe = iters_per_epoch(sampler, cfg.train.max_iters_per_epoch)
     recipe = build_norm(OmegaConf.to_container(cfg.norm, resolve=True), plan.norm_context(cfg.epochs * ipe))
     options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
-    model = build_model(cfg.model.name, recipe, num_classes=cfg.data.num_classes,
-                        in_channels=dataset_spec(cfg.data.name, "classification").in_channels, **options)
+    try:
+        model = build_model(cfg.model.name, recipe, num_classes=cfg.data.num_classes,
+                            in_channels=dataset_spec(cfg.data.name, "classification").in_channels, **options)
+    except ValueError as err:  # a norm that does not suit the model's layers, e.g. norm.num_groups
+        arch = f" (model.arch={cfg.model.arch})" if "arch" in cfg.model else ""
+        raise ConfigError(f"model={cfg.model.name}{arch} with norm={cfg.norm.name}: {err}") from err
     dtype = amp_dtype(cfg.train.amp, device)
     channels_last = device.type == "cuda" if cfg.train.channels_last == "auto" else bool(cfg.train.channels_last)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

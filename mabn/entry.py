@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist
+from . import dist, rundir
 from .config import ConfigError
 from .loop import EXIT_NONFINITE
 from .preemption import EXIT_PREEMPTED, StopSignals, end_job
@@ -39,7 +39,11 @@ def config_failure(err: ConfigError, run_dir: Path | None = None) -> int:
     (an invalid config leaves no run directory behind)."""
     print(f"config error: {err}", file=sys.stderr, flush=True)
     if run_dir is not None and run_dir.is_dir():
-        own = [p for p in run_dir.iterdir() if p.name not in HYDRA_FILES and p.suffix != ".log"]
+        # a fresh claim this start made (run.json, an empty checkpoints/) is no run: the corrected command
+        # may take the directory; any record or checkpoint, or another start's claim, keeps it
+        claimed = run_dir.resolve() in rundir.FRESH_CLAIMS
+        own = [p for p in run_dir.iterdir() if p.name not in HYDRA_FILES and p.suffix != ".log" and not (
+            claimed and (p.name == rundir.RUN_FILE or (p.name == "checkpoints" and not any(p.iterdir()))))]
         if not own:
             shutil.rmtree(run_dir, ignore_errors=True)
     return EXIT_CONFIG

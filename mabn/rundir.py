@@ -124,11 +124,18 @@ def recorded_config(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()).get("config") if path.exists() else None
 
 
+# run directories this process claimed afresh (no run.json before): a config error found later, while
+# building, leaves nothing of such a claim behind (mabn.entry.config_failure)
+FRESH_CLAIMS: set[Path] = set()
+
+
 def begin(run_dir: Path, cfg: dict, *, resuming: bool) -> None:
     """After every check passed: run.json says whose directory this is and with which config this start
     runs; a resumed run's summary.json (how its last start ended) goes, since this start writes its own."""
     if resuming and (run_dir / "summary.json").exists():
         (run_dir / "summary.json").unlink()
+    if not (run_dir / RUN_FILE).exists():
+        FRESH_CLAIMS.add(run_dir.resolve())
     record_config(run_dir, cfg)
 
 

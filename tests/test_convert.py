@@ -188,7 +188,8 @@ def test_report_lists_what_it_left_and_why():
     ({"name": "mabn", "windw": 4}, r"unknown hyper-parameter\(s\) \['windw'\] for norm 'mabn'"),
     ({"name": "mabn", "eps": -1.0}, "norm.eps must be a positive number"),
     ({"name": "nope"}, "unknown norm 'nope'; registered norms:"),
-    ({"name": "gn", "num_groups": 4}, r"conv.1 \(BatchNorm2d, 6 channels\) cannot become gn"),
+    ({"name": "gn", "num_groups": 4}, r"conv.1 \(BatchNorm2d, 6 channels\) cannot become gn: .* \(this model's "
+     r"norm widths: 6; num_groups that suit every layer: 1, 2, 3, 6\)"),
 ])
 def test_bad_norm_config_raises_naming_it_and_leaves_the_model(cfg, message):
     model = nn.Sequential()
@@ -236,3 +237,18 @@ def test_bad_timm_arch_exits_2_naming_it(args, message, tmp_path, data_root):
     pytest.importorskip("timm")
     out = train(["model=timm", "norm=mabn", "batch=2", *args], tmp_path, data_root, base=TIMM, check=False)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_groups_that_do_not_suit_a_timm_model_exit_2_and_the_corrected_command_runs(tmp_path, data_root):
+    """regnetx_002 has 56-channel layers: gn's 32 groups do not divide them. The error names the keys and
+    the group counts that suit every layer, leaves no claim behind, and the corrected command trains."""
+    pytest.importorskip("timm")
+    args = ["model=timm", "model.arch=regnetx_002", "norm=gn", "batch=2"]
+    out = train(args, tmp_path, data_root, base=TIMM, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert ("config error: model=timm (model.arch=regnetx_002) with norm=gn: convert_norms: s2.b1.conv1.bn "
+            "(BatchNormAct2d, 56 channels) cannot become gn") in out.stderr
+    assert "num_groups that suit every layer: 1, 2, 4, 8, 184, 368)" in out.stderr
+    assert "Traceback" not in out.stderr and not any(tmp_path.iterdir())
+    train([*args, "norm.num_groups=8"], tmp_path, data_root, base=TIMM)
+    assert json.loads((run_dir(tmp_path) / "summary.json").read_text())["norm_params"]["num_groups"] == 8

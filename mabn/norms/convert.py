@@ -172,12 +172,23 @@ def _like(new: nn.Module, src: nn.Module) -> nn.Module:
     return new.train(src.training)
 
 
-def _build_one(recipe: NormRecipe, module: nn.Module, keep_eps: bool, name: str) -> nn.Module:
+def _build_one(recipe: NormRecipe, module: nn.Module, keep_eps: bool, name: str, model: nn.Module) -> nn.Module:
     try:
         return recipe.ctor(_channels(module), **({"eps": float(module.eps)} if keep_eps else {}))
     except ValueError as err:  # e.g. GroupNorm groups that do not divide this layer's channels
         raise ValueError(f"convert_norms: {name} ({type(module).__name__}, {_channels(module)} channels) "
-                         f"cannot become {recipe.name}: {err}") from err
+                         f"cannot become {recipe.name}: {err}{_widths_hint(model, recipe)}") from err
+
+
+def _widths_hint(model: nn.Module, recipe: NormRecipe) -> str:
+    """The model's norm widths, and for a grouped norm the group counts that divide every one of them."""
+    widths = sorted({_channels(m) for name, m in model.named_modules() if name and _leave_reason(m) is None})
+    hint = f" (this model's norm widths: {', '.join(map(str, widths))}"
+    if "num_groups" in recipe.params and widths:  # GroupNorm caps the groups at a layer's width
+        valid = [g for g in range(1, widths[-1] + 1) if all(w % min(g, w) == 0 for w in widths)]
+        shown = ", ".join(map(str, valid[:12])) + (", ..." if len(valid) > 12 else "")
+        hint += f"; num_groups that suit every layer: {shown}"
+    return hint + ")"
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -207,7 +218,7 @@ def convert_norms(model: nn.Module, cfg: Mapping[str, Any] | str | NormRecipe,
             if reason:
                 report.left.append(Left(name, type(module).__name__, reason))
             continue
-        norm = _like(_build_one(recipe, module, keep_eps, name), module)
+        norm = _like(_build_one(recipe, module, keep_eps, name, model), module)
         copied = _copy_state(module, norm, recipe.name)
         new, note = _with_activation(module, norm)
         weight = getattr(module, "weight", None)
