@@ -35,7 +35,14 @@ def model_label(model) -> str:
     return f"{name}_{arch}" if arch else name
 
 
+def norm_settings(norm, *keys: str) -> str:
+    """``${norm_settings:${norm},r_max,d_max}`` in a run name: "-r_max_3.0-d_max_0" for those of the keys the
+    norm has ("" for a norm with none of them): a sweep over settings that are not ablation switches."""
+    return "".join(f"-{key}_{str(norm[key]).lower()}" for key in keys if key in norm)
+
+
 OmegaConf.register_new_resolver("norm_variant", variant_suffix, replace=True)
+OmegaConf.register_new_resolver("norm_settings", norm_settings, replace=True)
 OmegaConf.register_new_resolver("model_label", model_label, replace=True)
 
 

@@ -45,6 +45,9 @@ class Cell:
         return [r[key] for r in self.finished if r.get(key) is not None]
 
 
+# Tables that split one norm's rows by settings that are not ablation switches: {table: {norm: keys}}
+ROW_KEYS = {"fmnist_brn_schedule": {"brn": ("schedule_ref_iters", "r_max", "d_max")}}
+
 # The keys a record cannot be placed in a table without: its row and its column.
 REQUIRED = ("norm", "norm_batch")
 
@@ -88,7 +91,12 @@ def load_tables(records_root: Path) -> dict[str, list[dict]]:
     for path in sorted(records_root.glob("*/**/summary.json")):
         table = path.relative_to(records_root).parts[0]
         try:
-            tables[table].append(load_record(path.parent))
+            record = load_record(path.parent)
+            keys = ROW_KEYS.get(table, {}).get(record["norm"], ())
+            params = record.get("norm_params") or {}
+            shown = [f"{k}={'null' if params.get(k) is None else params[k]}" for k in keys]
+            record["variant"] = ", ".join(filter(None, [record["variant"], *shown]))
+            tables[table].append(record)
         except ValueError as err:
             bad.append(str(err))
     if bad:  # all of them at once: a sweep's broken records are fixed in one pass, not one per rerun
@@ -280,6 +288,26 @@ def ablation_claims(grid: list[Cell], key: str = "top1_err", large: int = 32) ->
     return out
 
 
+def settings_claims(grid: list[Cell], key: str = "top1_err") -> list[str]:
+    """Each row with settings of its own (ROW_KEYS) against bn at its n: worse beyond the seed spread, and
+    whether it equals bn seed by seed (a control whose settings make it bn)."""
+    bns = {c.n: c for c in grid if c.label == "bn"}
+    out = []
+    for c in grid:
+        bn = bns.get(c.n)
+        if not c.runs[0].get("variant") or bn is None or _spread(c, key) is None or _spread(bn, key) is None:
+            continue
+        mine, base = _spread(c, key), _spread(bn, key)
+        gap, spread = _versus(mine, base)
+        by_seed = {r.get("seed"): r.get(key) for r in bn.finished}
+        pairs = [(r.get(key), by_seed[r.get("seed")]) for r in c.finished if r.get("seed") in by_seed]
+        same = " It equals bn seed by seed." if pairs and all(abs(a - b) < 1e-6 for a, b in pairs) else ""
+        out.append(f"- {c.label}@{c.n} worse than bn@{c.n} beyond the seed spread: **{_worse(gap, spread)}** — "
+                   f"{mine[0]:.2f} ± {mine[1]:.2f} vs {base[0]:.2f} ± {base[1]:.2f}: gap {gap:+.2f}, "
+                   f"spread {spread:.2f}.{same}")
+    return out
+
+
 def _centering_claim(stats: dict, n: int) -> list[str]:
     mabn, bn, plain = stats.get(("mabn", n)), stats.get(("bn", n)), stats.get(("mabn [weight_centering=false]", n))
     if not (mabn and bn):
@@ -330,7 +358,11 @@ def render_table(table: str, records: list[dict], figures: list[str] = ()) -> st
                 "The paper (ImageNet, error): BN@2 35.2 far above BN@32 23.4, MABN@2 23.7 near BN@32, "
                 "BRN@2 30.3 between. \"Beyond the seed spread\": the means differ by more than the sum of "
                 "the two sample stds.", ""] + checked + [""]
-    ablated = ablation_claims(grid, metrics[0][0]) if task == "classification" else []
+    if table in ROW_KEYS and task == "classification":
+        out += ["## Each setting against bn, checked on these records", "",
+                f"Rows split by {', '.join(sorted({k for keys in ROW_KEYS[table].values() for k in keys}))}; "
+                "the same criterion as above.", ""] + settings_claims(grid, metrics[0][0]) + [""]
+    ablated = ablation_claims(grid, metrics[0][0]) if task == "classification" and table not in ROW_KEYS else []
     if ablated:
         out += ["## What each part of MABN does, checked on these records", "",
                 "Each switch replaces one part of the published layer (configs/norm/mabn.yaml); the same "

@@ -137,3 +137,17 @@ def test_ablation_experiment_is_the_cpu_protocol_with_a_run_per_variant():
                              "-weight_centering_false-n2-b32-s1")
     assert compose_cfg("experiment=fmnist_ablation", "norm=mabn", "norm.average=ema").run.name.endswith(
         "mabn-average_ema-n32-b32-s0")
+
+
+def test_brn_schedule_experiment_is_the_cpu_protocol_with_a_run_per_setting():
+    cpu = compose_cfg("experiment=fmnist_cpu", "norm=brn", "batch=2")
+    cfg = compose_cfg("experiment=fmnist_brn_schedule", "norm=brn", "batch=2")
+    for key in ("data", "model", "optim", "schedule", "epochs"):
+        assert cfg[key] == cpu[key], key
+    assert cfg.train.max_iters_per_epoch == 1250 and cfg.norm == cpu.norm  # BRN's preset as in fmnist_cpu
+    assert cfg.run.name == ("brn_schedule-fmnist-cifar_resnet8-brn-schedule_ref_iters_50000-r_max_3.0-d_max_5.0"
+                            "-n2-b32-s0")
+    off = compose_cfg("experiment=fmnist_brn_schedule", "norm=brn", "norm.schedule_ref_iters=null", "batch=2")
+    assert "-schedule_ref_iters_none-" in off.run.name
+    assert compose_cfg("experiment=fmnist_brn_schedule", "norm=bn", "batch=2").run.name == \
+        "brn_schedule-fmnist-cifar_resnet8-bn-n2-b32-s0"

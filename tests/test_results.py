@@ -265,3 +265,32 @@ def test_ablation_claims_say_what_each_switch_does(tmp_path):
     text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
     assert "- What explains it: **not the weight centering (without it mabn stays better than bn)" in text
     assert "equals mabn@32 seed by seed (a window of one batch): **no** (3 seeds)." in text
+
+
+def test_a_schedule_sweep_gets_a_row_per_setting_and_each_is_checked_against_bn(tmp_path):
+    """fmnist_brn_schedule: brn rows split by schedule_ref_iters, r_max, d_max (not ablation switches); each
+    row against bn at its n, and a control that equals bn seed by seed is named."""
+    runs = tmp_path / "runs"
+    brn = {"r_max": 3.0, "d_max": 5.0, "schedule_ref_iters": 50000}
+    rows = {("bn", None): (18.0, 18.5, 19.0), ("brn", ()): (19.5, 20.0, 20.5),
+            ("brn", (("schedule_ref_iters", None),)): (18.0, 18.5, 19.0),
+            ("brn", (("d_max", 0),)): (18.25, 18.5, 19.25)}
+    for (norm, changed), errs in rows.items():
+        params = {**brn, **dict(changed)} if changed is not None else {}
+        for seed, err in enumerate(errs):
+            write_run(runs, f"{norm}-{changed}-s{seed}", norm=norm, norm_batch=2, seed=seed, top1=100.0 - err,
+                      norm_params=params, experiment="fmnist_brn_schedule")
+    collect(sorted(runs.iterdir()), tmp_path / "records")
+    records = load_tables(tmp_path / "records")["fmnist_brn_schedule"]
+    assert sorted(c.label for c in cells(records)) == [
+        "bn", "brn [schedule_ref_iters=50000, r_max=3.0, d_max=0]",
+        "brn [schedule_ref_iters=50000, r_max=3.0, d_max=5.0]", "brn [schedule_ref_iters=null, r_max=3.0, d_max=5.0]"]
+    text = render_table("fmnist_brn_schedule", records)
+    section = text.split("## Each setting against bn, checked on these records")[1].split("## Reported")[0]
+    assert ("- brn [schedule_ref_iters=50000, r_max=3.0, d_max=5.0]@2 worse than bn@2 beyond the seed spread: "
+            "**yes** — 20.00 ± 0.50 vs 18.50 ± 0.50: gap +1.50, spread 1.00.") in section
+    assert ("- brn [schedule_ref_iters=null, r_max=3.0, d_max=5.0]@2 worse than bn@2 beyond the seed spread: **no** "
+            "— 18.50 ± 0.50 vs 18.50 ± 0.50: gap +0.00, spread 1.00. It equals bn seed by seed.") in section
+    assert "d_max=0]@2 worse than bn@2 beyond the seed spread: **no** — 18.67" in section
+    assert "It equals bn seed by seed" not in section.split("d_max=0]@2")[1].split("\n")[0]
+    assert "What each part of MABN does" not in text

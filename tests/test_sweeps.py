@@ -52,3 +52,12 @@ def test_ablation_cells():
     large = {("bn", ()), ("mabn", ()), ("mabn", ("norm.weight_centering=false",)),
              ("mabn", ("norm.forward_stat=batch", "norm.backward_stat=batch"))}
     assert cells == {(*cell, n) for n in (1, 2) for cell in small} | {(*cell, 32) for cell in large}
+
+
+def test_brn_schedule_cells():
+    """fmnist_brn_schedule.sh: bn and brn at n = 2, then brn with r only, d only and neither; three seeds."""
+    commands = _dry_run("fmnist_brn_schedule.sh", LAUNCHER="joblib", JOBS="2")
+    assert all("experiment=fmnist_brn_schedule" in c and " batch=2 " in c for c in commands)
+    assert [c.split("batch=2 ")[1] for c in commands] == [
+        f"{cell} seed=0,1,2 launcher.n_jobs=2" for cell in
+        ("norm=bn,brn", "norm=brn norm.d_max=0", "norm=brn norm.r_max=1", "norm=brn norm.schedule_ref_iters=null")]
