@@ -239,3 +239,28 @@ def test_something_between_conv_and_norm_takes_the_autograd_path():
             move = 0.05 * torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
             conv.weight.add_(move), doubled.weight.add_(2 * move)
     isclose_report(a_norm.ring_dmu, 2 * b_norm.ring_dmu, "∂μ/∂W: twice the doubled conv's (the chain rule)")
+
+
+def test_compiled_model_with_a_paired_conv_equals_eager():
+    """torch.compile of conv → CBN: the compensated layer runs eager inside the compiled model (a graph break
+    around it), so outputs, gradients and every ring equal eager's step after step."""
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=False),
+                        CrossIterationBatchNorm2d(3, window=3, group_size=2)).double()
+    assert center_conv_weights(net) == ["0"]
+    eager = copy.deepcopy(net)
+    compiled = torch.compile(net, backend="inductor")
+    gen = torch.Generator().manual_seed(9)
+    for step in range(4):
+        x = torch.randn(4, 2, 5, 5, generator=gen, dtype=torch.float64)
+        y1, y2 = compiled(x.clone().requires_grad_(True)), eager(x.clone().requires_grad_(True))
+        y1.sum().backward(), y2.sum().backward()
+        isclose_report(y1, y2, f"output, step {step}")
+        for (name, a), b in zip(net.state_dict().items(), eager.state_dict().values(), strict=True):
+            isclose_report(a.double(), b.double(), f"{name}, step {step}")
+        with torch.no_grad():
+            for a, b in zip(net.parameters(), eager.parameters(), strict=True):
+                isclose_report(a.grad, b.grad, f"grad, step {step}")
+                a.sub_(0.1 * a.grad), b.sub_(0.1 * b.grad)
+                a.grad = b.grad = None
+    assert int(net[1].ring_valid.sum()) == 2

@@ -14,8 +14,9 @@ conv on the normalization batch's inputs, with output gradients 1/m and 2y/m (m 
 cost of two conv backward passes over the device batch. Otherwise (something between conv and norm)
 autograd differentiates μ and ν w.r.t. W, one pass per normalization batch. Without a paired conv (or
 without autograd, e.g. under ``torch.no_grad``) each batch is normalized by its own statistics and the
-rings stay as they are. Every window slot holds W and two derivatives of W's size: 3(k−1) copies of the conv
-weight in buffers.
+rings stay as they are. Under ``torch.compile`` the compensated steps run eager (a graph break around the
+layer; ``fullgraph=True`` refuses it): they read the conv's input from its output's autograd node. Every
+window slot holds W and two derivatives of W's size: 3(k−1) copies of the conv weight in buffers.
 """
 
 from __future__ import annotations
@@ -101,7 +102,15 @@ class CrossIterationBatchNorm2d(nn.Module):
             raise ValueError(f"CBN needs more than 1 value per channel in a normalization batch, got group "
                              f"of {n} sample(s) of spatial size {tuple(x.shape[2:])}")
         w = self._conv_weight(x)
-        conv = conv_of(x, w) if w is not None else None
+        if w is None:  # plain grouped BN: compiles into the model's graph
+            return torch.cat([self._step(x[g * n:(g + 1) * n], None) for g in range(groups)])
+        return self._compensated(x, w, groups, n)
+
+    @torch.compiler.disable
+    def _compensated(self, x: Tensor, w: Tensor, groups: int, n: int) -> Tensor:
+        """The Taylor-compensated steps. Eager under torch.compile (a graph break around this layer): the
+        derivatives read the conv's input from ``x``'s autograd node, which a traced graph does not have."""
+        conv = conv_of(x, w)
         grads = conv_derivatives(x.to(stat_dtype(x)), w, conv, groups) if conv is not None else None
         # G consecutive normalization batches with the same weights, in order (the grouped contract)
         return torch.cat([self._step(x[g * n:(g + 1) * n], w, None if grads is None else
