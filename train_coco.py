@@ -73,27 +73,32 @@ def _worker(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, experiment: s
     return run_job(lambda stops: run(cfg, plan, info, stops, experiment), Path(cfg.run.dir))
 
 
-def _claim(cfg: DictConfig, info: dist.DistInfo) -> None:
+def _claim(cfg: DictConfig, info: dist.DistInfo) -> bool:
     """The run directory is this run's (mabn.rundir) before the data set is generated or the model built;
-    detectron2's checkpointer then resumes from its last_checkpoint file."""
-    run_dir, error = Path(cfg.run.dir), None
+    detectron2's checkpointer then resumes from its last_checkpoint file. True when the run is already over
+    (its final checkpoint and summary.json are there: a rerun of a finished cell trains nothing)."""
+    run_dir, error, over = Path(cfg.run.dir), None, False
     if info.is_main:
         try:
             rundir.check_writable(run_dir)
-            has = (run_dir / "checkpoints" / "last_checkpoint").is_file()
+            last = run_dir / "checkpoints" / "last_checkpoint"
+            has = last.is_file()
             config, previous = OmegaConf.to_container(cfg, resolve=True), rundir.recorded_config(run_dir)
             notices = rundir.claim(run_dir, config, has_checkpoint=has, resume=cfg.run.resume,
                                    overwrite=cfg.run.overwrite)
             if has and previous and not cfg.run.overwrite:  # detectron2's checkpoint holds no config of ours
                 rundir.resume_changes(previous, config, (), None, can_apply=False)
-            rundir.begin(run_dir, config, resuming=has and not cfg.run.overwrite)
+            over = (has and not cfg.run.overwrite and last.read_text().strip() == "model_final.pth"
+                    and (run_dir / "summary.json").is_file())
+            rundir.begin(run_dir, config, resuming=has and not cfg.run.overwrite and not over)
             for notice in notices:
                 print(notice, flush=True)
         except ConfigError as err:
             error = str(err)
-    error = dist.broadcast_object(error)
+    error, over = dist.broadcast_object((error, over))
     if error is not None:
         raise ConfigError(error)
+    return over
 
 
 def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignals, experiment: str | None = None
@@ -101,7 +106,10 @@ def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignal
     from mabn.d2 import data as d2data
     from mabn.d2 import engine
 
-    _claim(cfg, info)
+    if _claim(cfg, info):
+        if info.is_main:
+            print(f"already finished: records in {cfg.run.dir} kept as they are", flush=True)
+        return 0
     run_dir, device, data = Path(cfg.run.dir), info.device, cfg.data
     engine.setup(run_dir, info.rank, cfg.seed + info.rank)
     plan = BatchPlan(plan.norm_batch, plan.device_batch, info.world_size)

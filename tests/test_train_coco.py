@@ -67,6 +67,11 @@ def test_resume_after_a_stop_continues_exactly(tmp_path):
     resumed = torch.load(d / "checkpoints" / "model_final.pth", weights_only=False)
     for key, value in straight["model"].items():  # weights and MABN state (rings, counters, running_var)
         assert torch.equal(value, resumed["model"][key]), key
+    # a rerun of the finished run (a sweep over its cells again) trains and evaluates nothing: the records stay
+    records = {name: (d / name).read_bytes() for name in ("summary.json", "metrics.jsonl")}
+    out = train_coco(["norm=mabn"], tmp_path / "resumed", tmp_path / "data")
+    assert "already finished" in out.stdout and "Starting training" not in out.stdout + out.stderr
+    assert records == {name: (d / name).read_bytes() for name in records}
 
 
 def test_resume_with_another_lr_is_refused(tmp_path):
