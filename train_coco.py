@@ -90,7 +90,8 @@ def _claim(cfg: DictConfig, info: dist.DistInfo) -> bool:
                 rundir.resume_changes(previous, config, (), None, can_apply=False)
             over = (has and not cfg.run.overwrite and last.read_text().strip() == "model_final.pth"
                     and (run_dir / "summary.json").is_file())
-            rundir.begin(run_dir, config, resuming=has and not cfg.run.overwrite and not over)
+            rundir.begin(run_dir, config, resuming=has and not cfg.run.overwrite and not over,
+                         composed=cfg)
             for notice in notices:
                 print(notice, flush=True)
         except ConfigError as err:

@@ -129,14 +129,33 @@ def recorded_config(run_dir: Path) -> dict | None:
 FRESH_CLAIMS: set[Path] = set()
 
 
-def begin(run_dir: Path, cfg: dict, *, resuming: bool) -> None:
+def begin(run_dir: Path, cfg: dict, *, resuming: bool, composed=None) -> None:
     """After every check passed: run.json says whose directory this is and with which config this start
-    runs; a resumed run's summary.json (how its last start ended) goes, since this start writes its own."""
+    runs; a resumed run's summary.json (how its last start ended) goes, since this start writes its own.
+    ``composed`` (the Hydra config as composed) goes to hydra/config.yaml, and the command line's overrides
+    to hydra/overrides.yaml: written here, not by Hydra before the job starts (``hydra.output_subdir:
+    null``), so a start refused for another run's directory leaves that run's files as they were."""
     if resuming and (run_dir / "summary.json").exists():
         (run_dir / "summary.json").unlink()
     if not (run_dir / RUN_FILE).exists():
         FRESH_CLAIMS.add(run_dir.resolve())
     record_config(run_dir, cfg)
+    if composed is not None:
+        _write_hydra_files(run_dir, composed)
+
+
+def _write_hydra_files(run_dir: Path, composed) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    (run_dir / "hydra").mkdir(exist_ok=True)
+    files = {"config.yaml": OmegaConf.to_yaml(composed)}
+    if HydraConfig.initialized():  # not in processes detectron2's launch() spawned
+        files["overrides.yaml"] = OmegaConf.to_yaml(list(HydraConfig.get().overrides.task))
+    for name, text in files.items():
+        tmp = run_dir / "hydra" / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(run_dir / "hydra" / name)
 
 
 def record_config(run_dir: Path, cfg: dict) -> None:

@@ -87,16 +87,19 @@ def test_another_run_in_the_same_directory_is_refused(tmp_path, data_root):
     r = tmp_path / "R"
     train([*SHORT, f"run.dir={r}", "epochs=1"], tmp_path, data_root)
     before = {p.name: p.read_bytes() for p in _checkpoints(r)}
-    summary = (r / "summary.json").read_bytes()
+    summary, composed = (r / "summary.json").read_bytes(), (r / "hydra" / "config.yaml").read_bytes()
+    assert b"seed: 0" in composed and "seed=" not in (r / "hydra" / "overrides.yaml").read_text()
     out = train([*SHORT, f"run.dir={r}", "epochs=1", "seed=1"], tmp_path, data_root, check=False)
     assert out.returncode == 2 and f"run.dir={r} holds another run (seed: 0 -> 1)" in out.stderr
     out = train([*SHORT, f"run.dir={r}", "epochs=1", "run.resume=false"], tmp_path, data_root, check=False)
     assert out.returncode == 2 and "holds this run's checkpoint" in out.stderr
     assert {p.name: p.read_bytes() for p in _checkpoints(r)} == before
     assert (r / "summary.json").read_bytes() == summary
+    assert (r / "hydra" / "config.yaml").read_bytes() == composed  # the refused commands' configs are not there
     out = train([*SHORT, f"run.dir={r}", "epochs=1", "seed=1", "run.overwrite=true"], tmp_path, data_root)
     assert "deleted the earlier run's files" in out.stdout
     assert json.loads((r / "summary.json").read_text())["seed"] == 1 and _train_iters(r) == list(range(1, 7))
+    assert b"seed: 1" in (r / "hydra" / "config.yaml").read_bytes()
 
 
 def test_weights_made_nonfinite_by_a_step_never_reach_a_checkpoint(tmp_path, data_root):
