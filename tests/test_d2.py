@@ -454,3 +454,53 @@ def _assert_same_res5(net, det) -> None:
     with torch.no_grad():
         tv = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
         torch.testing.assert_close(det.backbone.bottom_up(x)["res5"], tv, rtol=1e-4, atol=1e-5)
+
+
+class _LossNaNOnRank1(torch.nn.Module):
+    """A detector stand-in: a loss dict whose loss is NaN on rank 1 from the second iteration on."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self.calls = 0
+
+    def forward(self, batch):
+        self.calls += 1
+        bad = torch.distributed.get_rank() == 1 and self.calls >= 2
+        return {"loss": self.w.sum() * (float("nan") if bad else 1.0)}
+
+
+def _nan_on_one_rank(rank: int, port: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = _LossNaNOnRank1()
+    trainer = engine.make_trainer(model, iter(lambda: [{}], None), torch.optim.SGD(model.parameters(), lr=0.1),
+                                  amp_dtype=None)
+    try:
+        trainer.train(0, 5)
+        result = "finished"
+    except FloatingPointError as err:
+        result = f"FloatingPointError at {trainer.iter}: {err}"
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(result)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """detectron2 checks the loss on the main process only (the other ranks would wait in the next
+    collective); the project's trainer checks it on every rank: both stop at the same iteration."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_nan_on_one_rank, args=(port, str(tmp_path / "r")), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + 120
+    while not ctx.join(timeout=5):
+        assert time.time() < deadline, "a rank is still waiting: the NaN stopped only one of them"
+    results = [(tmp_path / f"r.{rank}").read_text() for rank in (0, 1)]
+    expected = "FloatingPointError at 1: Loss became infinite or NaN at iteration=1"
+    assert all(r.startswith(expected) for r in results), results

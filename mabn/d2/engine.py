@@ -20,6 +20,8 @@ from detectron2.utils.events import JSONWriter
 from detectron2.utils.logger import setup_logger
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
+from mabn.dist import all_reduce_max
+
 from .events import WandbWriter
 from .hooks import FiniteWeights, MetricPrinter, RNGState, StopHook, StopTraining, WallClock
 
@@ -87,12 +89,34 @@ def create_local_process_group(processes_per_machine: int) -> None:
     comm.create_local_process_group(processes_per_machine)
 
 
+class _LossCheckedOnEveryRank:
+    """detectron2 checks the summed loss on the main process only; there it raises, while the other ranks
+    step on into the next collective and wait for the process group's timeout. Here every rank checks, at
+    the same step, before detectron2 does: all of them stop with the same error."""
+
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        total = sum(v.detach().float() for v in loss_dict.values())
+        if all_reduce_max((~torch.isfinite(total)).float().reshape(1)).item():
+            at = self.iter if iter is None else iter
+            raise FloatingPointError(f"Loss became infinite or NaN at iteration={at} (on at least one rank)")
+        super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+
+
+class CheckedTrainer(_LossCheckedOnEveryRank, SimpleTrainer):
+    pass
+
+
+class CheckedAMPTrainer(_LossCheckedOnEveryRank, AMPTrainer):
+    pass
+
+
 def make_trainer(model, loader, optimizer, *, amp_dtype: torch.dtype | None):
-    """SimpleTrainer, or AMPTrainer (autocast to ``amp_dtype``; loss scaling only for fp16)."""
+    """detectron2's SimpleTrainer, or its AMPTrainer (autocast to ``amp_dtype``; loss scaling only for fp16),
+    with the loss checked on every rank."""
     if amp_dtype is None:
-        return SimpleTrainer(model, loader, optimizer)
+        return CheckedTrainer(model, loader, optimizer)
     scaler = None if amp_dtype == torch.float16 else torch.amp.GradScaler(enabled=False)
-    return AMPTrainer(model, loader, optimizer, precision=amp_dtype, grad_scaler=scaler)
+    return CheckedAMPTrainer(model, loader, optimizer, precision=amp_dtype, grad_scaler=scaler)
 
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, train_loader: Callable[[int], Iterable],
