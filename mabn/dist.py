@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -111,5 +113,14 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Destroy the process groups while the interpreter is whole. detectron2 caches handles of them (its
+    gather group, its local group); a group object still alive at interpreter shutdown can take gloo's
+    worker threads down with it (SIGABRT, "terminate called without an active exception"), so those go too."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    comm = sys.modules.get("detectron2.utils.comm")
+    if comm is not None:
+        comm._get_global_gloo_group.cache_clear()
+        comm.create_local_process_group.cache_clear()
+        comm._LOCAL_PROCESS_GROUP = None
+    gc.collect()
