@@ -122,7 +122,7 @@ def _claim_on_rank0(cfg: DictConfig, config: dict, checkpointer: Checkpointer, l
             notices.append(f"{'; '.join(unreadable)}: resuming from the older {saved.path.name} (set aside as "
                            f"{', '.join(p.name for p in moved)})")
         for name in ("metrics.jsonl", "diag_batch_stats.jsonl"):  # records after the checkpoint: written again
-            truncate_jsonl(run_dir / name, saved.iteration, "iter")
+            truncate_jsonl(run_dir / name, saved.iteration, "iter", epoch=saved.payload["state"]["epoch"])
     checkpointer.remove_partial()
     # a rerun of a finished run (a sweep over its cells again) trains nothing: its summary.json stays
     over = saved is not None and not changes and saved.payload["state"]["epoch"] >= cfg.epochs

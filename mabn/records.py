@@ -71,14 +71,16 @@ def _lines(path: Path):
         offset += len(line) + 1
 
 
-def truncate_jsonl(path: Path, iteration: int, key: str) -> None:
-    """Cut ``path`` before its first record whose ``key`` is past ``iteration`` (or a torn last line): a resumed
-    run writes those again. Records are appended in iteration order, so what stays is a prefix, and the file
-    is cut in place: a writer that already holds it open for appending (detectron2's) keeps writing to it."""
+def truncate_jsonl(path: Path, iteration: int, key: str, epoch: int | None = None) -> None:
+    """Cut ``path`` before its first record whose ``key`` is past ``iteration`` — or, given the checkpoint's
+    ``epoch`` (epochs completed), whose ``epoch`` is past it: the validation of an epoch whose last step was
+    checkpointed but whose evaluation was not — or a torn last line: a resumed run writes those again. Records
+    are appended in order, so what stays is a prefix, and the file is cut in place: a writer that already
+    holds it open for appending (detectron2's) keeps writing to it."""
     if not path.exists():
         return
     for offset, record in _lines(path):
-        if record is None or record.get(key, 0) > iteration:
+        if record is None or record.get(key, 0) > iteration or (epoch is not None and record.get("epoch", 0) > epoch):
             if record is None:
                 print(f"{path}: dropped a torn last line (the process was killed while writing it)", flush=True)
             os.truncate(path, offset)

@@ -174,6 +174,20 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, data_root
     assert out.returncode == 2 and "can be read" in out.stderr and "run.overwrite=true" in out.stderr
 
 
+def test_resume_from_the_step_before_an_evaluation_logs_that_evaluation_once(tmp_path, data_root):
+    """The last step of an epoch is checkpointed (last.1.pt), the epoch is evaluated and logged, and the
+    process dies in the epoch-end save (last.pt torn): the resume evaluates that epoch again, and its
+    validation record is in metrics.jsonl once."""
+    r = tmp_path / "R"
+    train([*SHORT, f"run.dir={r}", "epochs=1", "train.ckpt_every_iters=6"], tmp_path, data_root)
+    last = r / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    out = train([*SHORT, f"run.dir={r}", "epochs=1", "train.ckpt_every_iters=6"], tmp_path, data_root)
+    assert "resuming from the older last.1.pt" in out.stdout and "iteration 6" in out.stdout
+    vals = [x for x in _records(r) if "val/top1" in x]
+    assert [(x["iter"], x["epoch"]) for x in vals] == [(6, 1)] and _train_iters(r) == list(range(1, 7))
+
+
 def test_unwritable_checkpoint_folder_fails_in_the_first_second(tmp_path, data_root):
     r = tmp_path / "R"
     r.mkdir()
