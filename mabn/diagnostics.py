@@ -139,6 +139,14 @@ class BatchStatsTracer:
         for m in self._mabn:  # a dict: the layer files references to its statistics into it; None: nothing
             m.used_stats = {} if active else None
 
+    def state_dict(self) -> dict:
+        """The running averages the deviations are measured against (a resumed run continues them)."""
+        return {"sums": self._sums, "counts": dict(self._counts), "used_sums": self._used_sums}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sums, self._counts = state["sums"], dict(state["counts"])
+        self._used_sums = state["used_sums"]
+
     def close(self) -> None:
         for h in self._handles:
             h.remove()
@@ -171,6 +179,7 @@ class BatchStatsTracer:
             return {}
         used = {k: sink[k].detach().double() for k in ("chi2_bar", "psi", "psi_bar", "r")}
         sums = self._used_sums.setdefault(name, {"x2": 0.0, "psi": 0.0, "count": 0})
+        _to_device(sums, stats["x2"].device)
         sums["x2"] = sums["x2"] + stats["x2"].sum(dim=0)
         sums["psi"] = sums["psi"] + used["psi"].sum(dim=0)
         sums["count"] += stats["x2"].shape[0]
@@ -185,6 +194,7 @@ class BatchStatsTracer:
         eps = getattr(module, "eps", 1e-5)
         stats = batch_statistics(x, dy, getattr(module, "weight", None), getattr(module, "group_size", None), eps)
         sums = self._sums.setdefault(name, {k: torch.zeros_like(stats[k][0]) for k in STATS})
+        _to_device(sums, stats["mu"].device)  # a checkpoint's averages come back on the CPU
         for k in STATS:
             sums[k] += stats[k].sum(dim=0)
         self._counts[name] = self._counts.get(name, 0) + stats["mu"].shape[0]
@@ -205,3 +215,9 @@ class BatchStatsTracer:
         if self.enabled and self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _to_device(sums: dict, device: torch.device) -> None:
+    for key, value in sums.items():
+        if isinstance(value, torch.Tensor) and value.device != device:
+            sums[key] = value.to(device)

@@ -117,6 +117,8 @@ class TrainLoop:
                 group["lr"] = base * fn(sched.last_epoch)
         if self.scaler is not None and payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
+        if self.p.tracer is not None and payload.get("tracer"):  # its averages over the traced steps so far
+            self.p.tracer.load_state_dict(payload["tracer"])
         mine = saved.rank_state(self.info.rank)
         load_norm_state(self.p.model, mine["norm_state"])
         set_rng_state(mine["rng"])
@@ -135,6 +137,7 @@ class TrainLoop:
         if self.info.is_main:
             payload = {"model": self.p.model.state_dict(), "optimizer": self.p.optimizer.state_dict(),
                        "scheduler": self.p.scheduler.state_dict(),
+                       "tracer": self.p.tracer.state_dict() if self.p.tracer is not None else None,
                        "scaler": self.scaler.state_dict() if self.scaler else None, "per_rank": per_rank,
                        "config": self.config, "state": {**self.state, "elapsed": self.elapsed()}}
             try:

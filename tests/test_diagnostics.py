@@ -255,3 +255,27 @@ def test_plot_batch_stats_draws_what_mabn_uses(tmp_path):
     svg = (tmp_path / "out" / "batch_stats_vs_n.svg").read_text()
     assert "used χ̄²" in svg and "used Ψ̄" in svg
     assert (tmp_path / "out" / "batch_stats_by_layer_mabn.png").stat().st_size > 1000
+
+
+def test_traced_run_stopped_and_resumed_writes_the_straight_runs_trace(tmp_path):
+    """The tracer's averages (the references of g_dev, psi_dev, MABN's χ̄² and Ψ̄ deviations) travel in the
+    checkpoint: a run stopped after a traced step and resumed writes the same records as one straight run."""
+    data = make_fmnist_like(tmp_path / "fmnist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(tmp_path / "runs")}
+    cmd = [sys.executable, str(ROOT / "train_imagenet.py"), "data=fmnist", f"data.root={data}", "model=cifar_resnet20",
+           "model.depth=8", "model.width=4", "data.batch_size=8", "data.workers=0", "logger=none", "epochs=1",
+           "train.max_iters_per_epoch=6", "train.eval_max_batches=1", "norm=mabn", "batch=2", "norm.warmup_iters=1",
+           "norm.window=2", "diag.batch_stats=true", "diag.every=2"]
+    subprocess.run([*cmd, "run.name=straight"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run([*cmd, "run.name=resumed", "train.stop_after_iters=3"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    subprocess.run([*cmd, "run.name=resumed"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+
+    def trace(name):
+        lines = (tmp_path / "runs" / name / "diag_batch_stats.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    straight, resumed = trace("straight"), trace("resumed")
+    assert sorted({r["iter"] for r in straight}) == [2, 4, 6] and len(straight) == len(resumed)
+    for a, b in zip(straight, resumed, strict=True):
+        assert a == b, (a, b)
