@@ -309,25 +309,49 @@ def settings_claims(grid: list[Cell], key: str = "top1_err") -> list[str]:
 
 
 def _centering_claim(stats: dict, n: int) -> list[str]:
-    mabn, bn, plain = stats.get(("mabn", n)), stats.get(("bn", n)), stats.get(("mabn [weight_centering=false]", n))
+    """Whether mabn beats bn at n, and what the two centering rows say of why: mabn without its weight
+    centering, and bn with it (``bn [weight_centering=true]``)."""
+    mabn, bn = stats.get(("mabn", n)), stats.get(("bn", n))
+    plain, centered = stats.get(("mabn [weight_centering=false]", n)), stats.get(("bn [weight_centering=true]", n))
     if not (mabn and bn):
         return []
     gap, spread = _versus(bn, mabn)
     out = [f"- mabn@{n} better than bn@{n} beyond the seed spread: **{_worse(gap, spread)}** — "
            f"{mabn[0]:.2f} ± {mabn[1]:.2f} vs {bn[0]:.2f} ± {bn[1]:.2f}: gap {-gap:+.2f}, spread {spread:.2f}."]
-    if plain and gap > spread:
-        to_mabn, s_mabn = _versus(plain, mabn)
-        to_bn, s_bn = _versus(plain, bn)
-        if to_mabn > s_mabn and abs(to_bn) <= s_bn:
-            verdict = "the weight centering (without it mabn is at bn's level)"
-        elif abs(to_mabn) <= s_mabn and -to_bn > s_bn:
-            verdict = ("not the weight centering (without it mabn stays better than bn): what remains is the "
-                       "normalization by the second moment without mean subtraction and the renorm correction")
-        else:
-            verdict = "undecided (without centering mabn is neither at bn's level nor at mabn's)"
-        out.append(f"- What explains it: **{verdict}** — mabn [weight_centering=false]@{n} {plain[0]:.2f} ± "
-                   f"{plain[1]:.2f}: {to_mabn:+.2f} from mabn (spread {s_mabn:.2f}), {to_bn:+.2f} from bn "
-                   f"(spread {s_bn:.2f}).")
+    if gap <= spread or not (plain or centered):
+        return out
+
+    def where(row, name):
+        (to_mabn, s_mabn), (to_bn, s_bn) = _versus(row, mabn), _versus(row, bn)
+        near_mabn, near_bn = abs(to_mabn) <= s_mabn, abs(to_bn) <= s_bn
+        place = ("at mabn's level" if near_mabn and not near_bn else "at bn's level" if near_bn and not near_mabn
+                 else "worse than bn" if to_bn > s_bn else "between bn and mabn" if not near_mabn else "undecided")
+        out.append(f"- {name}@{n}: {row[0]:.2f} ± {row[1]:.2f}, {to_mabn:+.2f} from mabn (spread {s_mabn:.2f}), "
+                   f"{to_bn:+.2f} from bn (spread {s_bn:.2f}): **{place}**.")
+        return place
+
+    places = {"plain": where(plain, "mabn [weight_centering=false]") if plain else None,
+              "centered": where(centered, "bn [weight_centering=true]") if centered else None}
+    if places["centered"] == "at mabn's level":
+        verdict = "the weight centering: bn with centered filters does as well as mabn"
+    elif places["centered"] == "at bn's level":
+        verdict = ("not the weight centering alone: bn with centered filters stays at bn's level, so mabn's edge "
+                   "needs its normalization by the second moment (no mean subtraction) with the centering")
+        if places["plain"] == "worse than bn":
+            verdict += ", which that normalization cannot do without (mabn without it is worse than bn)"
+    elif places["centered"] == "between bn and mabn":
+        verdict = "partly the weight centering: bn with centered filters gains part of mabn's edge"
+    elif places["plain"] == "at bn's level":
+        verdict = "the weight centering (without it mabn is at bn's level)"
+    elif places["plain"] == "at mabn's level":
+        verdict = ("not the weight centering (without it mabn stays at its level): the normalization by the "
+                   "second moment and the renorm correction")
+    elif places["plain"] == "worse than bn":
+        verdict = ("undecided by these rows: mabn needs its centering (without it, it is worse than bn), but "
+                   "whether centering alone lifts bn needs the bn [weight_centering=true] row")
+    else:
+        verdict = "undecided by these rows"
+    out.append(f"- What explains mabn@{n} beating bn@{n}: **{verdict}**.")
     return out
 
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -255,7 +256,8 @@ def test_ablation_claims_say_what_each_switch_does(tmp_path):
     assert ("- Control: mabn [forward_stat=batch, backward_stat=batch]@32 equals mabn@32 seed by seed (a window "
             "of one batch): **yes** (3 seeds).") in section
     assert "- mabn@32 better than bn@32 beyond the seed spread: **yes** — 14.50 ± 0.50 vs 16.50 ± 0.50" in section
-    assert "- What explains it: **the weight centering (without it mabn is at bn's level)**" in section
+    explains = "- What explains mabn@32 beating bn@32: "
+    assert explains + "**the weight centering (without it mabn is at bn's level)**" in section
     # without centering mabn stays where it was: centering does not explain it; a control that differs says no
     for seed, err in enumerate((14.25, 14.75, 15.0)):
         rec = tmp_path / "records" / "fmnist" / f"mabn-weight_centering-n32-s{seed}" / "summary.json"
@@ -263,8 +265,24 @@ def test_ablation_claims_say_what_each_switch_does(tmp_path):
     rec = tmp_path / "records" / "fmnist" / "mabn-forward_stat-backward_stat-n32-s1" / "summary.json"
     rec.write_text(json.dumps({**json.loads(rec.read_text()), "top1": 80.0}))
     text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
-    assert "- What explains it: **not the weight centering (without it mabn stays better than bn)" in text
+    assert explains + "**not the weight centering (without it mabn stays at its level)" in text
     assert "equals mabn@32 seed by seed (a window of one batch): **no** (3 seeds)." in text
+    # mabn without centering worse than bn; bn with centered filters at bn's level, then at mabn's
+    for seed, err in enumerate((19.0, 19.5, 20.0)):
+        rec = tmp_path / "records" / "fmnist" / f"mabn-weight_centering-n32-s{seed}" / "summary.json"
+        rec.write_text(json.dumps({**json.loads(rec.read_text()), "top1": 100.0 - err}))
+    for label, errs in (("at bn's level", (16.25, 16.5, 16.75)), ("at mabn's level", (14.25, 14.5, 14.75))):
+        for seed, err in enumerate(errs):
+            write_run(tmp_path / "records" / "fmnist", f"bn-wc-{label[3:5]}-n32-s{seed}", norm="bn", norm_batch=32,
+                      seed=seed, top1=100.0 - err, norm_params={"weight_centering": True})
+            shutil.rmtree(tmp_path / "records" / "fmnist" / f"bn-wc-{label[3:5]}-n32-s{seed}" / "checkpoints")
+        if label == "at mabn's level":  # the first three are replaced
+            for seed in range(3):
+                shutil.rmtree(tmp_path / "records" / "fmnist" / f"bn-wc-bn-n32-s{seed}")
+        text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+        assert f"- bn [weight_centering=true]@32: {sum(errs) / 3:.2f} ± 0.25" in text and f"**{label}**." in text
+        assert "- mabn [weight_centering=false]@32: 19.50 ± 0.50" in text and "**worse than bn**." in text
+    assert "**the weight centering: bn with centered filters does as well as mabn**." in text
 
 
 def test_a_schedule_sweep_gets_a_row_per_setting_and_each_is_checked_against_bn(tmp_path):

@@ -51,7 +51,8 @@ def test_ablation_cells():
              ("mabn", ("norm.weight_centering=false",)), ("mabn", ("norm.average=ema",))}
     large = {("bn", ()), ("mabn", ()), ("mabn", ("norm.weight_centering=false",)),
              ("mabn", ("norm.forward_stat=batch", "norm.backward_stat=batch"))}
-    assert cells == {(*cell, n) for n in (1, 2) for cell in small} | {(*cell, 32) for cell in large}
+    centered_bn = {("bn", ("norm.weight_centering=true",), n) for n in (2, 32)}
+    assert cells == {(*cell, n) for n in (1, 2) for cell in small} | {(*cell, 32) for cell in large} | centered_bn
 
 
 def test_brn_schedule_cells():

@@ -81,3 +81,33 @@ def test_fewer_norms_keep_only_the_early_ones_and_start_as_identity(model_name, 
 def test_groupnorm_of_xbn_is_the_registry_layer():
     model = build_model("resnet18_xbn", build_norm("gn"), num_classes=10)
     assert all(isinstance(m, GroupNorm) for m in _norms(model).values())
+
+
+def test_bn_with_centered_filters_is_an_ablation_row_and_folds():
+    """norm=bn norm.weight_centering=true: MABN's centered filters in the convs feeding BN (the same
+    parametrization), a row of its own; the state dict is bn's and folding bakes the centering."""
+    from mabn.fold import fold_norms
+    from mabn.models import build_model
+    from mabn.norms import CenteredConvBatchNorm2d, NormContext, build_norm, norm_variant
+    from mabn.norms.centering import is_centered
+
+    ctx = NormContext(norm_batch=2, device_batch=4)
+    plain = build_model("cifar_resnet8", build_norm("bn", ctx), num_classes=10, in_channels=1)
+    recipe = build_norm({"name": "bn", "weight_centering": True}, ctx)
+    model = build_model("cifar_resnet8", recipe, num_classes=10, in_channels=1)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(map(is_centered, convs)) == 9 and not any(map(is_centered, (m for m in plain.modules()
+                                                                           if isinstance(m, torch.nn.Conv2d))))
+    assert all(type(m) is CenteredConvBatchNorm2d for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert norm_variant("bn", recipe.params) == "weight_centering=true"
+    assert norm_variant("bn", build_norm("bn", ctx).params) == ""
+    assert {k.replace(".parametrizations.weight.original", ".weight") for k in model.state_dict()} == \
+        set(plain.state_dict())
+    model.train()
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    model.eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+        folded = fold_norms(model)
+        assert (folded(x) - expected).abs().max() <= 1e-5 * expected.abs().max()

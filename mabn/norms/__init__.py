@@ -1,6 +1,6 @@
 """Every normalization layer of the project and the registry that names them (the only place norm classes live)."""
 
-from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
+from .batchnorm import BatchNorm2d, CenteredConvBatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
 from .brn import BatchRenorm2d
 from .cbn import CrossIterationBatchNorm2d
 from .centering import CenteredWeight, bake_weight_centering, center_conv_weights, conv_norm_pairs, is_paired
@@ -25,10 +25,10 @@ from .registry import (
 )
 
 __all__ = [
-    "BatchNorm2d", "BatchRenorm2d", "CenteredWeight", "ConversionReport", "CrossIterationBatchNorm2d",
-    "EvoNormS0", "FilterResponseNorm2d", "FrozenBatchNorm2d", "GroupNorm", "GroupNormWS", "InstanceNorm2d",
-    "LayerNorm2d", "MABN2d", "NormAct2d", "NormContext", "NormRecipe", "StandardizedWeight",
+    "BatchNorm2d", "BatchRenorm2d", "CenteredConvBatchNorm2d", "CenteredWeight", "ConversionReport",
+    "CrossIterationBatchNorm2d", "EvoNormS0", "FilterResponseNorm2d", "FrozenBatchNorm2d", "GroupNorm", "GroupNormWS",
+    "InstanceNorm2d", "LayerNorm2d", "MABN2d", "NormAct2d", "NormContext", "NormRecipe", "StandardizedWeight",
     "bake_weight_centering", "batch_dependent_types", "build_norm", "center_conv_weights", "conv_norm_pairs",
-    "convert_norms", "foldable_types", "is_paired", "norm_types", "norm_variant", "register_norm",
-    "norm_defaults", "registered_norms", "revert_norms", "SyncBatchNorm",
+    "convert_norms", "foldable_types", "is_paired", "norm_types", "norm_variant", "register_norm", "norm_defaults",
+    "registered_norms", "revert_norms", "SyncBatchNorm",
 ]

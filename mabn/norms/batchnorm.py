@@ -85,6 +85,17 @@ class BatchNorm2d(nn.BatchNorm2d):
         return y
 
 
+class CenteredConvBatchNorm2d(BatchNorm2d):
+    """BatchNorm2d whose feeding convs get MABN's weight centering (Yan et al. 2020, Sec. 4.3: every filter
+    minus its mean): ``norm=bn norm.weight_centering=true``, the ablation that tells how much of MABN's edge
+    over BN is the centering. Same state dict and folding as BatchNorm2d (the centering is baked first)."""
+
+    def feeding_conv_parametrization(self) -> nn.Module:
+        from .centering import CenteredWeight
+
+        return CenteredWeight()
+
+
 class SyncBatchNorm(nn.SyncBatchNorm):
     """torch's SyncBatchNorm (the synchronised baseline); an unsynchronised empty batch leaves state untouched.
 

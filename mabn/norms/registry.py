@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .batchnorm import BatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
+from .batchnorm import BatchNorm2d, CenteredConvBatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
 from .brn import BatchRenorm2d
 from .cbn import CrossIterationBatchNorm2d
 from .evonorm import EvoNormS0
@@ -223,11 +223,13 @@ def _iters(value: int, ctx: NormContext, scale: float = 1.0) -> int:
 
 
 @register_norm("bn", types=(BatchNorm2d, nn.BatchNorm2d),
-               defaults={"eps": 1e-5, "momentum": 0.1, "impl": "auto"}, batch_dependent=True, foldable=True)
+               defaults={"eps": 1e-5, "momentum": 0.1, "impl": "auto", "weight_centering": False},
+               batch_dependent=True, foldable=True, switches=("weight_centering",))
 def _build_bn(p: dict, ctx: NormContext) -> NormRecipe:
-    ctor = functools.partial(BatchNorm2d, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"],
-                             impl=p["impl"])
-    return NormRecipe("bn", ctor, batch_dependent=True, params=p)
+    # weight_centering: MABN's centered filters in the convs feeding BN (an ablation of MABN's parts)
+    cls = CenteredConvBatchNorm2d if p["weight_centering"] else BatchNorm2d
+    ctor = functools.partial(cls, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"], impl=p["impl"])
+    return NormRecipe("bn", ctor, weight_centering=bool(p["weight_centering"]), batch_dependent=True, params=p)
 
 
 
