@@ -324,16 +324,22 @@ def _centering_claim(stats: dict, n: int) -> list[str]:
     def where(row, name):
         (to_mabn, s_mabn), (to_bn, s_bn) = _versus(row, mabn), _versus(row, bn)
         near_mabn, near_bn = abs(to_mabn) <= s_mabn, abs(to_bn) <= s_bn
-        place = ("at mabn's level" if near_mabn and not near_bn else "at bn's level" if near_bn and not near_mabn
-                 else "worse than bn" if to_bn > s_bn else "between bn and mabn" if not near_mabn else "undecided")
+        if near_mabn != near_bn:
+            place = "at mabn's level" if near_mabn else "at bn's level"
+        elif near_mabn:  # within both spreads
+            place = "undecided"
+        else:
+            place = ("worse than bn" if to_bn > s_bn else "better than mabn" if to_mabn < -s_mabn
+                     else "between bn and mabn")
         out.append(f"- {name}@{n}: {row[0]:.2f} ± {row[1]:.2f}, {to_mabn:+.2f} from mabn (spread {s_mabn:.2f}), "
                    f"{to_bn:+.2f} from bn (spread {s_bn:.2f}): **{place}**.")
         return place
 
     places = {"plain": where(plain, "mabn [weight_centering=false]") if plain else None,
               "centered": where(centered, "bn [weight_centering=true]") if centered else None}
-    if places["centered"] == "at mabn's level":
-        verdict = "the weight centering: bn with centered filters does as well as mabn"
+    if places["centered"] in ("at mabn's level", "better than mabn"):
+        verdict = ("the weight centering: bn with centered filters does as well as mabn"
+                   + (" or better" if places["centered"] == "better than mabn" else ""))
     elif places["centered"] == "at bn's level":
         verdict = ("not the weight centering alone: bn with centered filters stays at bn's level, so mabn's edge "
                    "needs its normalization by the second moment (no mean subtraction) with the centering")
