@@ -41,6 +41,7 @@ def _scaled_schedule(cfg: DictConfig, sgd_batch: int) -> tuple[float, dict]:
 def main(cfg: DictConfig) -> int:
     # Hydra's runtime state does not reach processes spawned by detectron2's launch: read it here
     experiment = HydraConfig.get().runtime.choices.get("experiment")
+    job = (experiment, rundir.hydra_overrides())  # what the run's records say of its command
     ranks_from_env = dist.env_ranks()
     world = ranks_from_env[1] if ranks_from_env else cfg.train.num_gpus
     use_cuda = torch.cuda.is_available() if cfg.train.device == "auto" else cfg.train.device == "cuda"
@@ -53,27 +54,28 @@ def main(cfg: DictConfig) -> int:
 
         info = dist.init_distributed(cfg.train.device)
         engine.create_local_process_group(dist.local_world_size())
-        code = _worker(cfg, plan, info, experiment)
+        code = _worker(cfg, plan, info, job)
     elif world > 1:  # detectron2's launch() starts the processes on this machine
         from mabn.d2 import engine
 
-        code = engine.launch(_spawned_worker, world, args=(cfg, plan, experiment))
+        code = engine.launch(_spawned_worker, world, args=(cfg, plan, job))
     else:
-        code = _worker(cfg, plan, dist.init_distributed(cfg.train.device), experiment)
+        code = _worker(cfg, plan, dist.init_distributed(cfg.train.device), job)
     return finish(code)
 
 
-def _spawned_worker(cfg: DictConfig, plan: BatchPlan, experiment: str | None) -> None:
-    code = _worker(cfg, plan, dist.info_from_process_group(cfg.train.device, cfg.train.num_gpus), experiment)
+def _spawned_worker(cfg: DictConfig, plan: BatchPlan, job: tuple) -> None:
+    code = _worker(cfg, plan, dist.info_from_process_group(cfg.train.device, cfg.train.num_gpus), job)
     if code:
         sys.exit(code)
 
 
-def _worker(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, experiment: str | None) -> int:
-    return run_job(lambda stops: run(cfg, plan, info, stops, experiment), Path(cfg.run.dir))
+def _worker(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, job: tuple) -> int:
+    """``job``: the experiment's name and the command line's overrides (Hydra's, read by the parent)."""
+    return run_job(lambda stops: run(cfg, plan, info, stops, job), Path(cfg.run.dir))
 
 
-def _claim(cfg: DictConfig, info: dist.DistInfo) -> bool:
+def _claim(cfg: DictConfig, info: dist.DistInfo, overrides: list[str] | None) -> bool:
     """The run directory is this run's (mabn.rundir) before the data set is generated or the model built;
     detectron2's checkpointer then resumes from its last_checkpoint file. True when the run is already over
     (its final checkpoint and summary.json are there: a rerun of a finished cell trains nothing)."""
@@ -86,12 +88,14 @@ def _claim(cfg: DictConfig, info: dist.DistInfo) -> bool:
             config, previous = OmegaConf.to_container(cfg, resolve=True), rundir.recorded_config(run_dir)
             notices = rundir.claim(run_dir, config, has_checkpoint=has, resume=cfg.run.resume,
                                    overwrite=cfg.run.overwrite)
+            changes = []
             if has and previous and not cfg.run.overwrite:  # detectron2's checkpoint holds no config of ours
-                rundir.resume_changes(previous, config, (), None, can_apply=False)
-            over = (has and not cfg.run.overwrite and last.read_text().strip() == "model_final.pth"
-                    and (run_dir / "summary.json").is_file())
-            rundir.begin(run_dir, config, resuming=has and not cfg.run.overwrite and not over,
-                         composed=cfg)
+                changes = rundir.resume_changes(previous, config, (), None, can_apply=False)
+            over = (has and not cfg.run.overwrite and not changes and (run_dir / "summary.json").is_file()
+                    and last.read_text().strip() == "model_final.pth")
+            if not over:  # a finished run's files stay as its training start wrote them
+                rundir.begin(run_dir, config, resuming=has and not cfg.run.overwrite, composed=cfg,
+                             overrides=overrides)
             for notice in notices:
                 print(notice, flush=True)
         except ConfigError as err:
@@ -102,12 +106,13 @@ def _claim(cfg: DictConfig, info: dist.DistInfo) -> bool:
     return over
 
 
-def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignals, experiment: str | None = None
+def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignals, job: tuple = (None, None)
         ) -> int:
     from mabn.d2 import data as d2data
     from mabn.d2 import engine
 
-    if _claim(cfg, info):
+    experiment, overrides = job
+    if _claim(cfg, info, overrides):
         if info.is_main:
             print(f"already finished: records in {cfg.run.dir} kept as they are", flush=True)
         return 0
@@ -161,8 +166,9 @@ def _build(cfg: DictConfig, plan: BatchPlan, max_iter: int, lr: float, device: t
     options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     try:
         model = build_mask_rcnn(recipe, num_classes=cfg.data.num_classes, **options).to(device)
-    except ValueError as err:  # ImageNet weights that do not fit this backbone (another norm, no centering)
-        raise ConfigError(f"model.weights={cfg.model.weights}: {err}") from err
+    except ValueError as err:  # ImageNet weights that do not fit this backbone, or a norm that does not fit
+        what = f"model.weights={cfg.model.weights}" if cfg.model.weights else f"norm={cfg.norm.name}"
+        raise ConfigError(f"{what}: {err}") from err
     return model, build_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True), lr), recipe
 
 

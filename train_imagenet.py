@@ -126,7 +126,8 @@ def _claim_on_rank0(cfg: DictConfig, config: dict, checkpointer: Checkpointer, l
     checkpointer.remove_partial()
     # a rerun of a finished run (a sweep over its cells again) trains nothing: its summary.json stays
     over = saved is not None and not changes and saved.payload["state"]["epoch"] >= cfg.epochs
-    rundir.begin(run_dir, config, resuming=saved is not None and not over, composed=cfg)
+    if not over:  # a finished run's files stay as its training start wrote them
+        rundir.begin(run_dir, config, resuming=saved is not None, composed=cfg)
     for notice in notices:
         print(notice, flush=True)
     return saved, changes

@@ -46,6 +46,13 @@ def env_ranks() -> tuple[int, int, int] | None:
     return None
 
 
+def rank() -> int:
+    """This process's rank: the process group's, else the launcher's environment (RANK), else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
 def local_world_size() -> int:
     """Processes on this machine: torchrun's LOCAL_WORLD_SIZE, SLURM's tasks per node, else the world size."""
     env = os.environ

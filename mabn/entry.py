@@ -19,7 +19,9 @@ from .records import git_sha, hardware
 EXIT_CONFIG = 2
 __all__ = ["EXIT_CONFIG", "EXIT_NONFINITE", "EXIT_PREEMPTED", "RunFacts", "amp_dtype", "config_failure", "finish",
            "precise_bn_seed", "run_job"]
-HYDRA_FILES = ("hydra",)  # what Hydra itself writes into a run directory before the job starts (and *.log)
+# not a run's own files: hydra/ (the composed config, written by rundir.begin once the directory is this
+# run's) and *.log (Hydra's job log, which Hydra opens in the run directory before the job starts)
+HYDRA_FILES = ("hydra",)
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -38,12 +40,13 @@ def config_failure(err: ConfigError, run_dir: Path | None = None) -> int:
     """Print a config error; remove ``run_dir`` when it holds nothing but what Hydra wrote for this start
     (an invalid config leaves no run directory behind)."""
     print(f"config error: {err}", file=sys.stderr, flush=True)
-    if run_dir is not None and run_dir.is_dir():
+    if run_dir is not None and run_dir.is_dir() and dist.rank() == 0:  # one rank cleans up
         # a fresh claim this start made (run.json, an empty checkpoints/) is no run: the corrected command
         # may take the directory; any record or checkpoint, or another start's claim, keeps it
         claimed = run_dir.resolve() in rundir.FRESH_CLAIMS
         own = [p for p in run_dir.iterdir() if p.name not in HYDRA_FILES and p.suffix != ".log" and not (
-            claimed and (p.name == rundir.RUN_FILE or (p.name == "checkpoints" and not any(p.iterdir()))))]
+            claimed and (p.name in (rundir.RUN_FILE, "log.txt")  # log.txt: detectron2's log of this start
+                         or (p.name == "checkpoints" and not any(p.iterdir()))))]
         if not own:
             shutil.rmtree(run_dir, ignore_errors=True)
     return EXIT_CONFIG

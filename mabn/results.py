@@ -256,6 +256,11 @@ def _worse(gap: float, spread: float) -> str:
     return "yes" if gap > spread else ("no (better beyond the spread)" if -gap > spread else "no")
 
 
+def _better(gap: float, spread: float) -> str:
+    """The verdict of "better beyond the seed spread" for an error gap (other − this)."""
+    return "yes" if gap > spread else ("no (worse beyond the spread)" if -gap > spread else "no")
+
+
 def ablation_claims(grid: list[Cell], key: str = "top1_err", large: int = 32) -> list[str]:
     """What each MABN switch does, checked on an ablation table's records (lower ``key`` is better).
 
@@ -316,7 +321,7 @@ def _centering_claim(stats: dict, n: int) -> list[str]:
     if not (mabn and bn):
         return []
     gap, spread = _versus(bn, mabn)
-    out = [f"- mabn@{n} better than bn@{n} beyond the seed spread: **{_worse(gap, spread)}** — "
+    out = [f"- mabn@{n} better than bn@{n} beyond the seed spread: **{_better(gap, spread)}** — "
            f"{mabn[0]:.2f} ± {mabn[1]:.2f} vs {bn[0]:.2f} ± {bn[1]:.2f}: gap {-gap:+.2f}, spread {spread:.2f}."]
     if gap <= spread or not (plain or centered):
         return out
@@ -337,7 +342,9 @@ def _centering_claim(stats: dict, n: int) -> list[str]:
 
     places = {"plain": where(plain, "mabn [weight_centering=false]") if plain else None,
               "centered": where(centered, "bn [weight_centering=true]") if centered else None}
-    if places["centered"] in ("at mabn's level", "better than mabn"):
+    if places["centered"] in ("worse than bn", "undecided"):
+        verdict = "undecided by these rows: bn with centered filters is not between bn and mabn or above"
+    elif places["centered"] in ("at mabn's level", "better than mabn"):
         verdict = ("the weight centering: bn with centered filters does as well as mabn"
                    + (" or better" if places["centered"] == "better than mabn" else ""))
     elif places["centered"] == "at bn's level":

@@ -129,29 +129,40 @@ def recorded_config(run_dir: Path) -> dict | None:
 FRESH_CLAIMS: set[Path] = set()
 
 
-def begin(run_dir: Path, cfg: dict, *, resuming: bool, composed=None) -> None:
+def begin(run_dir: Path, cfg: dict, *, resuming: bool, composed=None, overrides: list[str] | None = None) -> None:
     """After every check passed: run.json says whose directory this is and with which config this start
     runs; a resumed run's summary.json (how its last start ended) goes, since this start writes its own.
     ``composed`` (the Hydra config as composed) goes to hydra/config.yaml, and the command line's overrides
-    to hydra/overrides.yaml: written here, not by Hydra before the job starts (``hydra.output_subdir:
-    null``), so a start refused for another run's directory leaves that run's files as they were."""
+    (``overrides``, else Hydra's own where this process has them) to hydra/overrides.yaml: written here,
+    not by Hydra before the job starts (``hydra.output_subdir: null``), so a start refused for another run's
+    directory leaves that run's files as they were."""
     if resuming and (run_dir / "summary.json").exists():
         (run_dir / "summary.json").unlink()
     if not (run_dir / RUN_FILE).exists():
         FRESH_CLAIMS.add(run_dir.resolve())
+    else:
+        FRESH_CLAIMS.discard(run_dir.resolve())
     record_config(run_dir, cfg)
     if composed is not None:
-        _write_hydra_files(run_dir, composed)
+        _write_hydra_files(run_dir, composed, overrides)
 
 
-def _write_hydra_files(run_dir: Path, composed) -> None:
+def hydra_overrides() -> list[str] | None:
+    """The command line's overrides, where Hydra runs in this process (not in processes detectron2's
+    launch() spawned: their parent reads them and hands them over)."""
     from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def _write_hydra_files(run_dir: Path, composed, overrides: list[str] | None) -> None:
     from omegaconf import OmegaConf
 
     (run_dir / "hydra").mkdir(exist_ok=True)
     files = {"config.yaml": OmegaConf.to_yaml(composed)}
-    if HydraConfig.initialized():  # not in processes detectron2's launch() spawned
-        files["overrides.yaml"] = OmegaConf.to_yaml(list(HydraConfig.get().overrides.task))
+    overrides = overrides if overrides is not None else hydra_overrides()
+    if overrides is not None:
+        files["overrides.yaml"] = OmegaConf.to_yaml(list(overrides))
     for name, text in files.items():
         tmp = run_dir / "hydra" / f".{name}.tmp"
         tmp.write_text(text)
@@ -182,7 +193,8 @@ def resume_changes(saved: dict, current: dict, allowed, iteration: int | None, *
     hyper-parameters) is refused unless ``allowed`` (run.allow_changes) names it — and always where the entry
     script cannot apply it (``can_apply=False``: detectron2's checkpointer restores the lr schedule)."""
     a, b = _flat(saved), _flat(current)
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(UNRECORDED)]
+    # a setting the saved config lacks came with a later version of the code, at its default then: no change
+    keys = [k for k in sorted(a) if a[k] != b.get(k) and not k.startswith(UNRECORDED)]
     blocked = [k for k in keys if k in RESTORED and (not can_apply or k not in set(allowed or ()))]
     if blocked:
         shown = ", ".join(f"{k}={a.get(k)!r} (now {b.get(k)!r})" for k in blocked)

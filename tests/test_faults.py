@@ -309,3 +309,15 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run_clearly(tmp_path, data
     assert out.returncode == 1 and "error: cannot write a checkpoint in" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not (r / "summary.json").exists()
     assert (r / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_a_setting_the_saved_config_lacks_is_no_change():
+    """A key added to a config after a run started (e.g. bn's weight_centering) is at its default: resuming
+    or rerunning that run records no change (and a finished run stays as it is)."""
+    from mabn import rundir
+
+    saved = {"norm": {"name": "bn", "eps": 1e-5}, "seed": 0}
+    now = {"norm": {"name": "bn", "eps": 1e-5, "weight_centering": False}, "seed": 0}
+    assert rundir.resume_changes(saved, now, (), 5) == []
+    assert rundir.resume_changes({**saved, "seed": 1}, now, (), 5) == [{"iter": 5, "key": "seed", "old": 1, "new": 0}]
+

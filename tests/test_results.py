@@ -256,6 +256,8 @@ def test_ablation_claims_say_what_each_switch_does(tmp_path):
     assert ("- Control: mabn [forward_stat=batch, backward_stat=batch]@32 equals mabn@32 seed by seed (a window "
             "of one batch): **yes** (3 seeds).") in section
     assert "- mabn@32 better than bn@32 beyond the seed spread: **yes** — 14.50 ± 0.50 vs 16.50 ± 0.50" in section
+    from mabn.results import _better
+    assert _better(-2.0, 1.0) == "no (worse beyond the spread)" and _better(0.5, 1.0) == "no"
     explains = "- What explains mabn@32 beating bn@32: "
     assert explains + "**the weight centering (without it mabn is at bn's level)**" in section
     # without centering mabn stays where it was: centering does not explain it; a control that differs says no

@@ -190,6 +190,8 @@ def test_ddp_two_processes_gloo(tmp_path, launcher):
     assert out.returncode == 0, out.stderr[-4000:]
     summary = json.loads((only_run(tmp_path / "runs") / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["sgd_batch"] == 2 and summary["norm_batch"] == 1
+    # the command line's overrides reach the record from the parent process (spawned workers lack Hydra's)
+    assert "norm=mabn" in (only_run(tmp_path / "runs") / "hydra" / "overrides.yaml").read_text()
     assert {"AP", "AP50"} <= set(summary["bbox"])
     if launcher == "detectron2_launch":  # a stop inside spawned workers comes out as the run's exit code
         out = subprocess.run([sys.executable, *cmd, *TINY, "norm=mabn", "batch=1", "solver.max_iter=4",
