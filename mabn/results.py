@@ -371,6 +371,32 @@ def _centering_claim(stats: dict, n: int) -> list[str]:
     return out
 
 
+def _claim_sections(table: str, task: str, grid: list[Cell], key: str) -> list[str]:
+    """The checked claims of a classification table: the paper's, a settings sweep's, an ablation's."""
+    if task != "classification":
+        return []
+    out: list[str] = []
+    checked = claims(grid, key)
+    if checked:
+        out += ["## The MABN paper's claims, checked on these records", "",
+                "The paper (ImageNet, error): BN@2 35.2 far above BN@32 23.4, MABN@2 23.7 near BN@32, "
+                "BRN@2 30.3 between. \"Beyond the seed spread\": the means differ by more than the sum of "
+                "the two sample stds.", ""] + checked + [""]
+    if table in ROW_KEYS:
+        out += ["## Each setting against bn, checked on these records", "",
+                f"Rows split by {', '.join(sorted({k for keys in ROW_KEYS[table].values() for k in keys}))}. "
+                "\"Beyond the seed spread\": the means differ by more than the sum of the two sample stds.", ""]
+        return out + settings_claims(grid, key) + [""]
+    ablated = ablation_claims(grid, key)
+    if ablated:
+        out += ["## What each part of MABN does, checked on these records", "",
+                "Each switch replaces one part of the published layer (configs/norm/mabn.yaml); the same "
+                "criterion as above. Yan et al.: at small n the backward statistic Ψ is as noisy as the "
+                "forward ones and hurts training too (so both moving averages matter); centred weights are "
+                "optional, with a small accuracy drop without them.", ""] + ablated + [""]
+    return out
+
+
 def render_table(table: str, records: list[dict], figures: list[str] = ()) -> str:
     """The markdown of one results table: ours per cell, then the papers' numbers in their own columns."""
     task = _task(records)
@@ -392,24 +418,7 @@ def render_table(table: str, records: list[dict], figures: list[str] = ()) -> st
             row = [format_cell(by[(label, n)], key) if (label, n) in by else "" for n in ns]
             out.append(f"| {label} | " + " | ".join(row) + " |")
         out.append("")
-    checked = claims(grid, metrics[0][0]) if task == "classification" else []
-    if checked:
-        out += ["## The MABN paper's claims, checked on these records", "",
-                "The paper (ImageNet, error): BN@2 35.2 far above BN@32 23.4, MABN@2 23.7 near BN@32, "
-                "BRN@2 30.3 between. \"Beyond the seed spread\": the means differ by more than the sum of "
-                "the two sample stds.", ""] + checked + [""]
-    if table in ROW_KEYS and task == "classification":
-        out += ["## Each setting against bn, checked on these records", "",
-                f"Rows split by {', '.join(sorted({k for keys in ROW_KEYS[table].values() for k in keys}))}. "
-                "\"Beyond the seed spread\": the means differ by more than the sum of the two sample stds.", ""]
-        out += settings_claims(grid, metrics[0][0]) + [""]
-    ablated = ablation_claims(grid, metrics[0][0]) if task == "classification" and table not in ROW_KEYS else []
-    if ablated:
-        out += ["## What each part of MABN does, checked on these records", "",
-                "Each switch replaces one part of the published layer (configs/norm/mabn.yaml); the same "
-                "criterion as above. Yan et al.: at small n the backward statistic Ψ is as noisy as the "
-                "forward ones and hurts training too (so both moving averages matter); centred weights are "
-                "optional, with a small accuracy drop without them.", ""] + ablated + [""]
+    out += _claim_sections(table, task, grid, metrics[0][0])
     reported: list[Reported] = reported_for(task, table)
     out += ["## Reported in the papers (not this data or hardware unless stated; reference only)", "",
             "| norm | n | " + " | ".join(f"this repo: {h}" for _, h, _ in metrics) + " | runs | "
