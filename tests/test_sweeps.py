@@ -62,3 +62,20 @@ def test_brn_schedule_cells():
     assert [c.split("batch=2 ")[1] for c in commands] == [
         f"{cell} seed=0,1,2 launcher.n_jobs=2" for cell in
         ("norm=bn,brn", "norm=brn norm.d_max=0", "norm=brn norm.r_max=1", "norm=brn norm.schedule_ref_iters=null")]
+
+
+def test_full_length_cells_seed_by_seed():
+    """fmnist.sh: bn, brn, mabn at n = 1, 2, 32, gn and the later norms at n = 2; a seed's 16 cells before the next."""
+    commands = _dry_run("fmnist.sh", LAUNCHER="joblib", JOBS="2")
+    cells = []
+    for c in commands:
+        args = dict(a.split("=", 1) for a in c.split()[3:])
+        assert args["experiment"] == "fmnist" and args["launcher.n_jobs"] == "2"
+        cells += [(int(args["seed"]), norm, int(n)) for norm in args["norm"].split(",")
+                  for n in args["batch"].split(",")]
+    per_seed = {(norm, n) for norm in ("bn", "brn", "mabn") for n in (1, 2, 32)}
+    per_seed |= {(norm, 2) for norm in ("gn", "gnws", "evonorm_s0", "frn", "ln", "in", "cbn")}
+    assert len(cells) == len(set(cells)) == 48
+    assert [seed for seed, *_ in cells] == sorted(seed for seed, *_ in cells)  # seed by seed
+    assert {(norm, n) for seed, norm, n in cells if seed == 0} == per_seed
+    assert {seed for seed, *_ in cells} == {0, 1, 2}

@@ -196,8 +196,9 @@ def test_local_multirun_goes_on_after_a_diverged_cell(tmp_path, data_root):
 
 @pytest.mark.slow
 def test_joblib_launcher_runs_cells_in_parallel_processes(tmp_path, data_root):
-    out = train(["norm=bn,mabn", "batch=2", "epochs=1", "launcher=joblib", "launcher.n_jobs=2"], tmp_path, data_root,
-                base=["-m", *TINY])
+    # with loader workers, as experiment=fmnist has: loky's own start method is the default in a joblib cell
+    out = train(["norm=bn,mabn", "batch=2", "epochs=1", "launcher=joblib", "launcher.n_jobs=2", "data.workers=1"],
+                tmp_path, data_root, base=["-m", *TINY])
     assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
     for norm in ("bn", "mabn"):
         (d,) = Path(tmp_path).glob(f"fmnist-*-{norm}-n2-*")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 from pathlib import Path
@@ -178,12 +179,22 @@ def ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def worker_context():
+    """The start method for loader workers: the process's own, unless it is one ``DataLoader`` cannot start
+    workers with, as in a sweep cell of ``launcher=joblib`` (loky makes ``loky`` its workers' default, whose
+    processes torch's loader cannot create) -- then the platform's default, what a run outside a sweep gets."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    standard = multiprocessing.get_all_start_methods()  # the platform's default first
+    return None if method is None or method in standard else multiprocessing.get_context(standard[0])
+
+
 def build_loaders(train_ds, val_ds, *, batch_size: int, workers: int, rank: int, world_size: int, seed: int,
                   pin_memory: bool):
     """Train loader (resumable sampler, whole batches) and val loader (this rank's shard, no padding)."""
     sampler = ResumableSampler(len(train_ds), batch_size, rank=rank, world_size=world_size, seed=seed)
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
-                  worker_init_fn=ignore_stop_signals if workers else None)
+                  worker_init_fn=ignore_stop_signals if workers else None,
+                  multiprocessing_context=worker_context() if workers else None)
     train = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
     shard = list(range(rank, len(val_ds), world_size))
     val = DataLoader(torch.utils.data.Subset(val_ds, shard), batch_size=batch_size, shuffle=False, **common)
@@ -196,4 +207,4 @@ def iters_per_epoch(sampler: ResumableSampler, cap: int | None) -> int:
 
 
 __all__ = ["DataConfigError", "ResumableSampler", "SeededAugment", "build_datasets", "build_loaders",
-           "check_imagenet_root", "ignore_stop_signals", "iters_per_epoch", "skipped_images"]
+           "check_imagenet_root", "ignore_stop_signals", "iters_per_epoch", "skipped_images", "worker_context"]
