@@ -72,7 +72,7 @@ def test_table_holds_exactly_the_aggregates_and_labelled_paper_numbers(sweep, tm
     collect(sorted(sweep.iterdir()), tmp_path / "records")
     records = load_tables(tmp_path / "records")["fmnist"]
     text = render_table("fmnist", records)
-    ours = text.split("## This repository")[1].split("## Reported")[0]
+    ours = text.split("## This repository")[1].split("\n## ")[0]
     assert "| bn | diverged (1/1) | 9.00 ± 1.00 (3) | 6.50 (1) |" in ours
     assert "| mabn |  | 6.75 (1) |  |" in ours
     # every number in our section is a record's aggregate, a count, or a header's n
@@ -197,12 +197,17 @@ def test_paper_claims_are_checked_from_the_records(tmp_path):
             "gap +0.25, spread 1.00.") in section
     assert ("- BRN@2 between BN@2 and MABN@2 (means): **yes** — "
             "brn@2 15.00 ± 1.00; bn 19.00, mabn 10.75.") in section
-    # a claim the records contradict says no; one without two seeds per cell is left out
+    # a claim the records contradict says no; one without two seeds per cell says it is not checked
     for seed in range(3):
         (tmp_path / "records" / "fmnist" / f"mabn-n2-s{seed}" / "summary.json").write_text(json.dumps(
             {**json.loads((runs / f"mabn-n2-s{seed}" / "summary.json").read_text()), "top1": 70.0 + seed}))
     (tmp_path / "records" / "fmnist" / "bn-n32-s1" / "summary.json").unlink()
     (tmp_path / "records" / "fmnist" / "bn-n32-s2" / "summary.json").unlink()
+    text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+    assert ("- BN@2 worse than BN@32 beyond the seed spread: **not checked** — needs two finished seeds in "
+            "each of its cells; finished: bn@2 3, bn@32 1.") in text
+    assert "- MABN@2 within the seed spread of BN@32: **not checked**" in text
+    (tmp_path / "records" / "fmnist" / "bn-n32-s0" / "summary.json").unlink()  # a missing cell: left out
     text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
     assert "BN@2 worse than BN@32" not in text and "MABN@2 within" not in text
     assert ("- BRN@2 between BN@2 and MABN@2 (means): **no** — "
