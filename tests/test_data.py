@@ -1,4 +1,8 @@
-"""Sampler sharding and resume offsets, seeded augmentation, unreadable images named or skipped."""
+"""Sampler sharding and resume offsets, seeded augmentation, unreadable images named or skipped, workers."""
+
+import os
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,11 +10,14 @@ from PIL import Image
 from torchvision import transforms
 
 from mabn.data.loaders import (
+    STOP_SIGNALS,
     DataConfigError,
     ResumableSampler,
     SeededAugment,
     _CheckedImageFolder,
+    build_loaders,
     check_imagenet_root,
+    worker_context,
 )
 
 
@@ -84,3 +91,28 @@ def test_imagenet_root_errors(tmp_path):
     with pytest.raises(DataConfigError,
                        match=r"data.num_classes=1000 but .* has 3 class folders; set data.num_classes=3"):
         check_imagenet_root(tmp_path, num_classes=1000)
+
+
+class _WorkerFacts(torch.utils.data.Dataset):
+    """Each item: the loading process's pid, parent pid and blocked-signal mask (from /proc)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        status = dict(line.split(":\t", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return torch.tensor([os.getpid(), int(status["PPid"]), int(status["SigBlk"], 16)])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_loader_workers_come_from_a_fork_server_that_stop_signals_do_not_reach():
+    """Workers are forked by a fork server, not by the (threaded) training process; the server and its
+    workers keep the stop signals blocked, so a signal to the process group leaves them able to serve."""
+    _, val, _ = build_loaders(_WorkerFacts(), _WorkerFacts(), batch_size=1, workers=2, rank=0, world_size=1,
+                              seed=0, pin_memory=False)
+    facts = torch.cat(list(val))
+    assert len(facts) == 4 and os.getpid() not in set(facts[:, 0].tolist()) | set(facts[:, 1].tolist())
+    for mask in facts[:, 2].tolist():
+        assert all(mask >> (int(sig) - 1) & 1 for sig in STOP_SIGNALS)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # this process's mask is as it was
+    assert worker_context().get_start_method() == "forkserver"

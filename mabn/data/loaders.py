@@ -180,12 +180,40 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 
 def worker_context():
-    """The start method for loader workers: the process's own, unless it is one ``DataLoader`` cannot start
-    workers with, as in a sweep cell of ``launcher=joblib`` (loky makes ``loky`` its workers' default, whose
-    processes torch's loader cannot create) -- then the platform's default, what a run outside a sweep gets."""
-    method = multiprocessing.get_start_method(allow_none=True)
-    standard = multiprocessing.get_all_start_methods()  # the platform's default first
-    return None if method is None or method in standard else multiprocessing.get_context(standard[0])
+    """How loader workers start: from a fork server (a single-threaded process started once), never by a
+    fork of the training process itself. By the time an epoch's workers start, the training process runs
+    threads (gloo's, wandb's, torch's own) and a fork can copy a lock one of them holds into the child, which
+    then waits on it for ever -- seen here once, a SLURM-requeued DDP rank waiting in poll for a worker stuck
+    in a futex right after its fork. Where there is no fork server (not POSIX), the platform's default.
+
+    A ``launcher=joblib`` sweep cell runs in a loky worker, whose default start method is loky's own: torch's
+    loader cannot start workers with it, and a fork server cannot either (the start method travels with each
+    worker's preparation data and the server cannot set it), so such a cell forks (one process, no
+    collectives, no logger threads in the sweeps that use it)."""
+    methods = multiprocessing.get_all_start_methods()  # the platform's default first
+    if multiprocessing.get_start_method(allow_none=True) not in (None, *methods):
+        return multiprocessing.get_context(methods[0])
+    if "forkserver" not in methods:
+        return multiprocessing.get_context(methods[0])
+    _start_fork_server()
+    return multiprocessing.get_context("forkserver")
+
+
+def _start_fork_server() -> None:
+    """Start this process's fork server and resource tracker (once; again if one died) with the stop
+    signals blocked, a mask they and every worker the server forks keep: Ctrl-C, ``timeout`` and SLURM signal
+    the whole process group, and a fork server killed by them would leave the run unable to start the workers
+    of an evaluation it is still to run before it stops. Blocked, not ignored, here: a signal that arrives
+    meanwhile reaches this process when its mask is restored."""
+    from multiprocessing import forkserver, resource_tracker
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        resource_tracker.ensure_running()  # its own start unblocks SIGINT and SIGTERM when it is done
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def build_loaders(train_ds, val_ds, *, batch_size: int, workers: int, rank: int, world_size: int, seed: int,
