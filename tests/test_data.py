@@ -15,6 +15,7 @@ from mabn.data.loaders import (
     ResumableSampler,
     SeededAugment,
     _CheckedImageFolder,
+    _preload,
     build_loaders,
     check_imagenet_root,
     worker_context,
@@ -116,3 +117,5 @@ def test_loader_workers_come_from_a_fork_server_that_stop_signals_do_not_reach()
         assert all(mask >> (int(sig) - 1) & 1 for sig in STOP_SIGNALS)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # this process's mask is as it was
     assert worker_context().get_start_method() == "forkserver"
+    # the server imports torch and this package once; each worker would import them again otherwise
+    assert {"torch", "mabn.data.loaders"} <= set(_preload())

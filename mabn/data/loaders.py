@@ -6,6 +6,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
+import types
 from pathlib import Path
 
 import torch
@@ -207,6 +209,7 @@ def _start_fork_server() -> None:
     meanwhile reaches this process when its mask is restored."""
     from multiprocessing import forkserver, resource_tracker
 
+    forkserver.set_forkserver_preload(_preload())
     old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         resource_tracker.ensure_running()  # its own start unblocks SIGINT and SIGTERM when it is done
@@ -214,6 +217,26 @@ def _start_fork_server() -> None:
         forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_NOT_PRELOADED = ("__main__", "__mp_main__", "builtins", "_frozen_importlib", "_frozen_importlib_external")
+
+
+def _preload() -> list[str]:
+    """The modules the fork server imports once, so that its workers start in a fraction of a second: torch,
+    this module (the datasets' classes) and every module the main script imported by name. Each worker runs
+    the main script again (as ``__mp_main__``, how spawn-like workers find what was pickled from it); with
+    its imports already loaded that is cheap. (The default preload, ``__main__``, does nothing on Python 3.11:
+    the server looks for a key, ``main_path``, that the preparation data names ``init_main_from_path``.)
+    Measured here, two workers over a 64-sample loader: ~3.5 s an epoch without, ~0.1 s with torch preloaded;
+    a 10-epoch tiny train_imagenet run with two workers: 7 s forked, 10-12 s from the server, 71-77 s from a
+    server without the preload."""
+    names = {"torch", __name__}
+    for value in vars(sys.modules.get("__main__", sys)).values():
+        name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name.split(".")[0] not in _NOT_PRELOADED:
+            names.add(name)
+    return sorted(names)
 
 
 def build_loaders(train_ds, val_ds, *, batch_size: int, workers: int, rank: int, world_size: int, seed: int,
