@@ -161,6 +161,9 @@ def test_plot_batch_stats_medians_and_figures(tmp_path):
             f"norm:\n  name: {norm}\nbatch:\n  norm_batch: {n}\nmodel:\n  name: {model}\nseed: 0\n")
         lines = [{"iter": it, "layer": f"l{d}", "depth": d, "mu_dev": scale * it, "var_dev": scale,
                   "g_dev": scale * d, "psi_dev": 1.0} for it in (1, 2, 3) for d in (0, 1)]
+        if norm == "mabn":
+            for x in lines:
+                x.update(chi2_bar_dev=0.5, psi_bar_dev=0.25 * x["depth"])
         (run / "diag_batch_stats.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         runs.append(str(run))
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), *runs, "--out",
@@ -170,6 +173,11 @@ def test_plot_batch_stats_medians_and_figures(tmp_path):
     bn, xbn = "bn cifar_resnet20", "bn cifar_resnet20_xbn"  # two models: each norm x model is its own curve
     assert table[(bn, 2)]["mu_dev"] == 8.0 and table[(bn, 32)]["var_dev"] == 1.0  # medians over steps, layers
     assert table[(bn, 2)]["layers"][1]["g_dev"] == 4.0 and table[(xbn, 2)]["mu_dev"] == 6.0
+    page = (tmp_path / "out" / "batch_stats.md").read_text()
+    assert f"| {bn} | 32 | 2.0000 | 1.0000 | 0.5000 | 1.0000 |  |  |" in page
+    assert "| mabn cifar_resnet20 | 2 | 4.0000 | 2.0000 | 1.0000 | 1.0000 | 0.5000 | 0.1250 |" in page
+    assert ("- mabn cifar_resnet20 n=2: used χ̄² 0.5000 against variance σ²_B 2.0000 (0.25x); "
+            "used Ψ̄ 0.1250 against Ψ_B 1.0000 (0.12x)") in page
     for name in ("batch_stats_vs_n", "batch_stats_by_layer_bn_cifar_resnet20",
                  "batch_stats_by_layer_mabn_cifar_resnet20",
                  "batch_stats_by_layer_bn_cifar_resnet20_xbn"):
