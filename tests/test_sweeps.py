@@ -66,16 +66,34 @@ def test_brn_schedule_cells():
 
 def test_full_length_cells_seed_by_seed():
     """fmnist.sh: bn, brn, mabn at n = 1, 2, 32, gn and the later norms at n = 2; a seed's 16 cells before the next."""
-    commands = _dry_run("fmnist.sh", LAUNCHER="joblib", JOBS="2")
+    commands = _dry_run("fmnist.sh", LAUNCHER="joblib", JOBS="2", RECORDS="none")
+    cells = _cells(commands)
+    per_seed = {(norm, n) for norm in ("bn", "brn", "mabn") for n in (1, 2, 32)}
+    per_seed |= {(norm, 2) for norm in ("gn", "gnws", "evonorm_s0", "frn", "ln", "in", "cbn")}
+    assert len(commands) == 6 and len(cells) == len(set(cells)) == 48  # two multiruns a seed
+    assert [seed for seed, *_ in cells] == sorted(seed for seed, *_ in cells)  # seed by seed
+    assert {(norm, n) for seed, norm, n in cells if seed == 0} == per_seed
+    assert {seed for seed, *_ in cells} == {0, 1, 2}
+
+
+def test_full_length_sweep_leaves_out_recorded_cells(tmp_path):
+    """A cell recorded in results/records/fmnist/ (an earlier session's) is not run again; the rest are."""
+    for norm, n in (("bn", 2), ("mabn", 2), ("gn", 2), ("brn", 1)):
+        (tmp_path / f"fmnist-cifar_resnet20-{norm}-n{n}-b32-s0").mkdir()
+        (tmp_path / f"fmnist-cifar_resnet20-{norm}-n{n}-b32-s0" / "summary.json").write_text("{}")
+    (tmp_path / "fmnist-cifar_resnet20-brn-n32-b32-s0").mkdir()  # no summary: not recorded
+    commands = _dry_run("fmnist.sh", LAUNCHER="joblib", JOBS="2", RECORDS=str(tmp_path), SEEDS="0")
+    assert [c.split("logger=none ")[1] for c in commands] == [
+        "norm=brn batch=2 seed=0 launcher.n_jobs=2", "norm=bn,mabn,brn batch=32 seed=0 launcher.n_jobs=2",
+        "norm=bn,mabn batch=1 seed=0 launcher.n_jobs=2",
+        "norm=gnws,evonorm_s0,frn,ln,in,cbn batch=2 seed=0 launcher.n_jobs=2"]
+
+
+def _cells(commands):
     cells = []
     for c in commands:
         args = dict(a.split("=", 1) for a in c.split()[3:])
         assert args["experiment"] == "fmnist" and args["launcher.n_jobs"] == "2"
         cells += [(int(args["seed"]), norm, int(n)) for norm in args["norm"].split(",")
                   for n in args["batch"].split(",")]
-    per_seed = {(norm, n) for norm in ("bn", "brn", "mabn") for n in (1, 2, 32)}
-    per_seed |= {(norm, 2) for norm in ("gn", "gnws", "evonorm_s0", "frn", "ln", "in", "cbn")}
-    assert len(cells) == len(set(cells)) == 48
-    assert [seed for seed, *_ in cells] == sorted(seed for seed, *_ in cells)  # seed by seed
-    assert {(norm, n) for seed, norm, n in cells if seed == 0} == per_seed
-    assert {seed for seed, *_ in cells} == {0, 1, 2}
+    return cells

@@ -8,11 +8,36 @@
 #   LAUNCHER=joblib JOBS=2 bash scripts/sweeps/fmnist.sh       (here, two cells at a time, one thread each)
 #   bash scripts/sweeps/fmnist.sh                              (SLURM: one one-GPU job per cell)
 #   python scripts/make_tables.py --collect runs/fmnist-cifar_resnet20-*
-# A finished cell is not trained again (its run directory says so), so rerunning the script resumes the sweep.
+# A finished cell is not trained again (its run directory says so), and a cell already recorded in
+# results/records/fmnist/ (a run of an earlier session or machine) is left out, so rerunning the script resumes
+# the sweep. RECORDS=<dir> reads the recorded cells from elsewhere (RECORDS=none: none are left out).
 . "$(dirname "$0")/common.sh"
+RECORDS=${RECORDS:-results/records/fmnist}
+
+remaining() {  # remaining SEED N NORM... : the norms whose (n, seed) cell has no record yet, comma-separated
+  local seed=$1 n=$2 out=() norm; shift 2
+  for norm in "$@"; do
+    [ -f "$RECORDS/fmnist-cifar_resnet20-$norm-n$n-b32-s$seed/summary.json" ] || out+=("$norm")
+  done
+  (IFS=,; echo "${out[*]}")
+}
+
 for seed in ${SEEDS:-0 1 2}; do
-  sweep train_imagenet.py experiment=fmnist logger=none norm=bn,mabn,brn batch=2,32,1 seed="$seed" "$@"
+  # one multirun for the batches left with the same norms (all of them, in a fresh sweep: 9 cells at once)
+  declare -A batches=()
+  order=()
+  for n in 2 32 1; do
+    norms=$(remaining "$seed" "$n" bn mabn brn)
+    [ -n "$norms" ] || continue
+    [ -n "${batches[$norms]:-}" ] || order+=("$norms")
+    batches[$norms]=${batches[$norms]:+${batches[$norms]},}$n
+  done
+  for norms in "${order[@]}"; do
+    sweep train_imagenet.py experiment=fmnist logger=none norm="$norms" batch="${batches[$norms]}" seed="$seed" "$@"
+  done
+  unset batches
   # gn, then the later norms (MABN's paper does not report them; results/fmnist.md shows them as rows of our
   # own); cbn last: its Taylor compensation costs two conv weight-gradients per normalization batch
-  sweep train_imagenet.py experiment=fmnist logger=none norm=gn,gnws,evonorm_s0,frn,ln,in,cbn batch=2 seed="$seed" "$@"
+  norms=$(remaining "$seed" 2 gn gnws evonorm_s0 frn ln in cbn)
+  [ -z "$norms" ] || sweep train_imagenet.py experiment=fmnist logger=none norm="$norms" batch=2 seed="$seed" "$@"
 done
