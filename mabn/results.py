@@ -220,39 +220,40 @@ def claims(grid: list[Cell], key: str = "top1_err", small: int = 2, large: int =
     missing is left out; one whose cells hold fewer than two finished seeds says so (a sweep under way)."""
     by = {(c.label, c.n): c for c in grid}
     stats = {k: _spread(c, key) for k, c in by.items()}
-    bn_s, bn_l = stats.get(("bn", small)), stats.get(("bn", large))
-    mabn_s, brn_s = stats.get(("mabn", small)), stats.get(("brn", small))
 
     def fmt(name, n, st):
         return f"{name}@{n} {st[0]:.2f} ± {st[1]:.2f}"
 
-    out = []
-    if bn_s and bn_l:
-        gap, spread = bn_s[0] - bn_l[0], bn_s[1] + bn_l[1]
-        verdict = "yes" if gap > spread else "no"
-        out.append(f"- BN@{small} worse than BN@{large} beyond the seed spread: **{verdict}** — "
-                   f"{fmt('bn', small, bn_s)} vs {fmt('bn', large, bn_l)}: "
-                   f"gap {gap:+.2f}, spread {spread:.2f}.")
-    if mabn_s and bn_l:
-        gap, spread = mabn_s[0] - bn_l[0], mabn_s[1] + bn_l[1]
-        verdict = "yes" if abs(gap) <= spread else ("no (better)" if gap < 0 else "no (worse)")
-        out.append(f"- MABN@{small} within the seed spread of BN@{large}: **{verdict}** — "
-                   f"{fmt('mabn', small, mabn_s)} vs {fmt('bn', large, bn_l)}: "
-                   f"gap {gap:+.2f}, spread {spread:.2f}.")
-    if brn_s and bn_s and mabn_s:
+    def bn_worse(bn_s, bn_l):
+        gap, spread = _versus(bn_s, bn_l)
+        return ("yes" if gap > spread else "no",
+                f"{fmt('bn', small, bn_s)} vs {fmt('bn', large, bn_l)}: gap {gap:+.2f}, spread {spread:.2f}.")
+
+    def mabn_near(mabn_s, bn_l):
+        gap, spread = _versus(mabn_s, bn_l)
+        return ("yes" if abs(gap) <= spread else ("no (better)" if gap < 0 else "no (worse)"),
+                f"{fmt('mabn', small, mabn_s)} vs {fmt('bn', large, bn_l)}: gap {gap:+.2f}, spread {spread:.2f}.")
+
+    def brn_between(brn_s, bn_s, mabn_s):
         lo, hi = sorted((bn_s[0], mabn_s[0]))
-        verdict = "yes" if lo < brn_s[0] < hi else "no"
-        out.append(f"- BRN@{small} between BN@{small} and MABN@{small} (means): **{verdict}** — "
-                   f"{fmt('brn', small, brn_s)}; bn {bn_s[0]:.2f}, mabn {mabn_s[0]:.2f}.")
-    pending = {f"BN@{small} worse than BN@{large} beyond the seed spread": [("bn", small), ("bn", large)],
-               f"MABN@{small} within the seed spread of BN@{large}": [("mabn", small), ("bn", large)],
-               f"BRN@{small} between BN@{small} and MABN@{small} (means)": [("brn", small), ("bn", small),
-                                                                         ("mabn", small)]}
-    for claim, needed in pending.items():
-        if all(k in by for k in needed) and not all(stats[k] for k in needed):
+        return ("yes" if lo < brn_s[0] < hi else "no",
+                f"{fmt('brn', small, brn_s)}; bn {bn_s[0]:.2f}, mabn {mabn_s[0]:.2f}.")
+
+    checks = [(f"BN@{small} worse than BN@{large} beyond the seed spread", [("bn", small), ("bn", large)], bn_worse),
+              (f"MABN@{small} within the seed spread of BN@{large}", [("mabn", small), ("bn", large)], mabn_near),
+              (f"BRN@{small} between BN@{small} and MABN@{small} (means)",
+               [("brn", small), ("bn", small), ("mabn", small)], brn_between)]
+    out = []
+    for claim, needed, judge in checks:
+        if not all(k in by for k in needed):
+            continue
+        if not all(stats[k] for k in needed):
             counts = ", ".join(f"{name}@{n} {len(by[(name, n)].values(key))}" for name, n in needed)
             out.append(f"- {claim}: **not checked** — needs two finished seeds in each of its cells; "
                        f"finished: {counts}.")
+            continue
+        verdict, detail = judge(*(stats[k] for k in needed))
+        out.append(f"- {claim}: **{verdict}** — {detail}")
     return out
 
 

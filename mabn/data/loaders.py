@@ -193,9 +193,8 @@ def worker_context():
     worker's preparation data and the server cannot set it), so such a cell forks (one process, no
     collectives, no logger threads in the sweeps that use it)."""
     methods = multiprocessing.get_all_start_methods()  # the platform's default first
-    if multiprocessing.get_start_method(allow_none=True) not in (None, *methods):
-        return multiprocessing.get_context(methods[0])
-    if "forkserver" not in methods:
+    loky = multiprocessing.get_start_method(allow_none=True) not in (None, *methods)
+    if loky or "forkserver" not in methods:
         return multiprocessing.get_context(methods[0])
     _start_fork_server()
     return multiprocessing.get_context("forkserver")
@@ -232,7 +231,7 @@ def _preload() -> list[str]:
     a 10-epoch tiny train_imagenet run with two workers: 7 s forked, 10-12 s from the server, 71-77 s from a
     server without the preload."""
     names = {"torch", __name__}
-    for value in vars(sys.modules.get("__main__", sys)).values():
+    for value in vars(sys.modules["__main__"]).values():
         name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
         if isinstance(name, str) and name.split(".")[0] not in _NOT_PRELOADED:
             names.add(name)
