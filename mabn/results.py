@@ -429,6 +429,8 @@ def render_table(table: str, records: list[dict], figures: list[str] = ()) -> st
             out.append(f"| {label} | " + " | ".join(row) + " |")
         out.append("")
     out += _claim_sections(table, task, grid, metrics[0][0])
+    if task == "classification":
+        out += settling(grid, metrics[0][0])
     reported: list[Reported] = reported_for(task, table)
     out += ["## Reported in the papers (not this data or hardware unless stated; reference only)", "",
             "| norm | n | " + " | ".join(f"this repo: {h}" for _, h, _ in metrics) + " | runs | "
@@ -453,22 +455,67 @@ def render_table(table: str, records: list[dict], figures: list[str] = ()) -> st
     return "\n".join(out) + "\n"
 
 
-def _curve(record: dict) -> tuple[list[float], list[float]]:
-    """(iteration, training loss) from a record's metrics.jsonl (ours or detectron2's JSONWriter)."""
+def _metric_rows(record: dict):
+    """The rows of a record's metrics.jsonl (ours or detectron2's JSONWriter); none when it has no file."""
     path = Path(record["record_dir"]) / "metrics.jsonl"
-    xs, ys = [], []
     if not path.is_file():
-        return xs, ys
+        return
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
-            row = json.loads(line)
+            yield json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}, line {number}: not valid JSON ({err})") from err
+
+
+def _curve(record: dict) -> tuple[list[float], list[float]]:
+    """(iteration, training loss) from a record's metrics.jsonl."""
+    xs, ys = [], []
+    for row in _metric_rows(record):
         loss = row.get("train/loss", row.get("total_loss"))
         if loss is not None:
             xs.append(row.get("iter", row.get("iteration")))
             ys.append(loss)
     return xs, ys
+
+
+def _last_epoch_change(record: dict) -> float | None:
+    """Top-1 error (points) at a run's last evaluation minus the one before; None with fewer than two."""
+    errors = [100.0 - row["val/top1"] for row in _metric_rows(record) if row.get("val/top1") is not None]
+    return errors[-1] - errors[-2] if len(errors) > 1 else None
+
+
+def settling(grid: list[Cell], key: str = "top1_err") -> list[str]:
+    """Has training settled? Each cell's mean change of top-1 error over its runs' last epoch beside the
+    cell's seed std (a change larger than the spread could still move a comparison with more epochs). Empty
+    when no run evaluated more than once (an iteration-length protocol evaluates at its end only)."""
+    rows, moving, judged = [], 0, 0
+    for c in grid:
+        changes = [x for x in map(_last_epoch_change, c.finished) if x is not None]
+        if not changes:
+            continue
+        change = statistics.fmean(changes)
+        spread = _spread(c, key)
+        if spread is not None:
+            judged += 1
+            moving += abs(change) > spread[1]
+        std = f"{spread[1]:.2f}" if spread is not None else "(1 run)"
+        rows.append(f"| {c.label} | {c.n} | {change:+.2f} ({len(changes)}) | {std} |")
+    if not rows:
+        return []
+    if not judged:
+        verdict = "No cell holds two finished seeds yet: no seed spread to judge the changes against."
+    elif moving:
+        verdict = (f"In {moving} of the {judged} cells with two or more seeds the last epoch changed the error "
+                   "by more than the cell's seed std: the accuracies were still moving at the end (under a "
+                   "schedule that anneals the learning rate to zero, part of that is the annealing), so the "
+                   "table compares the norms after equal, short training; a longer one could change the gaps.")
+    else:
+        verdict = (f"In all {judged} cells with two or more seeds the last epoch changed the error by less "
+                   "than the cell's seed std: settled at this length.")
+    return (["## Has training settled?", "",
+             "Change of top-1 err (points) over each run's last epoch (its last evaluation minus the one "
+             "before; mean over the cell's finished runs), beside the cell's seed std.", "",
+             "| norm | n | last-epoch change | seed std |", "|---|---|---|---|"] + rows + ["", verdict, ""])
 
 
 def plot_table(table: str, records: list[dict], out_dir: Path) -> list[str]:

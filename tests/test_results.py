@@ -328,3 +328,30 @@ def test_a_schedule_sweep_gets_a_row_per_setting_and_each_is_checked_against_bn(
     assert "d_max=0]@2 worse than bn@2 beyond the seed spread: **no** — 18.67" in section
     assert "It equals bn seed by seed" not in section.split("d_max=0]@2")[1].split("\n")[0]
     assert "What each part of MABN does" not in text
+
+
+def test_settling_compares_each_cells_last_epoch_change_with_its_seed_spread(tmp_path):
+    runs = tmp_path / "runs"
+    # bn@2: the error falls 2 points in the last epoch, seeds spread 0.5; mabn@2: 0.1 points, spread 1.0
+    curves = {("bn", 2): ((80.0, 88.0, 90.0), (80.5, 88.5, 90.5)),
+              ("mabn", 2): ((85.0, 90.9, 91.0), (85.0, 92.3, 92.4))}
+    for (norm, n), seeds in curves.items():
+        for seed, accs in enumerate(seeds):
+            run = write_run(runs, f"{norm}-n{n}-s{seed}", norm=norm, norm_batch=n, seed=seed, top1=accs[-1])
+            (run / "metrics.jsonl").write_text("".join(
+                json.dumps({"iter": 10 * epoch, "epoch": epoch, "val/top1": acc}) + "\n"
+                for epoch, acc in enumerate(accs, 1)))
+    collect(sorted(runs.iterdir()), tmp_path / "records")
+    text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+    section = text.split("## Has training settled?")[1].split("## Reported")[0]
+    assert "| bn | 2 | -2.00 (2) | 0.35 |" in section
+    assert "| mabn | 2 | -0.10 (2) | 0.99 |" in section
+    assert "In 1 of the 2 cells with two or more seeds the last epoch changed the error by more" in section
+    # one seed left: nothing to judge against; one evaluation per run (an iteration protocol): no section
+    for seed_dir in (tmp_path / "records" / "fmnist").glob("*-s1"):
+        (seed_dir / "summary.json").unlink()
+    text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+    assert "| bn | 2 | -2.00 (1) | (1 run) |" in text and "No cell holds two finished seeds yet" in text
+    for metrics in (tmp_path / "records" / "fmnist").glob("*/metrics.jsonl"):
+        metrics.write_text(json.dumps({"iter": 10, "val/top1": 90.0}) + "\n")
+    assert "Has training settled?" not in render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
