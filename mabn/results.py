@@ -175,13 +175,13 @@ def _task(records: list[dict]) -> str:
 def _provenance(records: list[dict]) -> list[str]:
     """Hardware, commits, software, dates and commands of a table's records."""
     def counted(key):
-        counts = Counter(str(r.get(key)) for r in records)
+        counts = Counter(key(r) if callable(key) else str(r.get(key)) for r in records)
         return ", ".join(f"{value} ({count})" for value, count in counts.most_common())
 
     finished = sorted(r["finished"] for r in records if r.get("finished"))
     hours = sum(r.get("wall_time_s") or 0 for r in records) / 3600
     lines = [f"- hardware (runs): {counted('device')}",
-             f"- commit (runs): {counted('git_sha')}",
+             f"- commit (runs): {counted(_commits)}",
              f"- torch (runs): {counted('torch')}"]
     if finished:
         lines.append(f"- finished between {finished[0]} and {finished[-1]}; {hours:.1f} h of training in all")
@@ -192,6 +192,12 @@ def _provenance(records: list[dict]) -> list[str]:
         lines.append(f"- ... and {len(examples) - 6} more commands "
                      "(each record's summary.json holds its own)")
     return lines
+
+
+def _commits(record: dict) -> str:
+    """The commit a record's run trained on; a run resumed on other code, each of its starts' in order."""
+    shas = list(dict.fromkeys(start.get("git_sha") or "unrecorded" for start in record.get("starts") or []))
+    return " then ".join(shas) if len(shas) > 1 else str(record.get("git_sha"))
 
 
 def _settings(records: list[dict]) -> str:

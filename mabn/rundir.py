@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError
+from .records import git_sha
 
 RUN_FILE = "run.json"
 RECORD_FILES = ("metrics.jsonl", "summary.json", "diag_batch_stats.jsonl", "wandb_id.txt")
@@ -142,7 +143,7 @@ def begin(run_dir: Path, cfg: dict, *, resuming: bool, composed=None, overrides:
         FRESH_CLAIMS.add(run_dir.resolve())
     else:
         FRESH_CLAIMS.discard(run_dir.resolve())
-    record_config(run_dir, cfg)
+    record_config(run_dir, cfg, resuming=resuming)
     if composed is not None:
         _write_hydra_files(run_dir, composed, overrides)
 
@@ -169,14 +170,25 @@ def _write_hydra_files(run_dir: Path, composed, overrides: list[str] | None) -> 
         tmp.replace(run_dir / "hydra" / name)
 
 
-def record_config(run_dir: Path, cfg: dict) -> None:
-    """Write run.json: the run's identity, when it was created and the config of this start."""
+def record_config(run_dir: Path, cfg: dict, *, resuming: bool = False) -> None:
+    """Write run.json: the run's identity, when it was created, the config of this start and every start's
+    commit (a run resumed after a ``git pull`` trained on more than one; a fresh start begins the list again).
+    An earlier start that predates this list is kept as a start of unknown commit."""
     path = run_dir / RUN_FILE
-    created = json.loads(path.read_text())["created"] if path.exists() else time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    record = {"identity": identity(cfg), "created": created, "config": cfg}
+    old = json.loads(path.read_text()) if path.exists() else {}
+    created = old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    earlier = old.get("starts", [{"started": None, "git_sha": None}]) if resuming else []  # a checkpoint: ran
+    start = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_sha": git_sha()}
+    record = {"identity": identity(cfg), "created": created, "config": cfg, "starts": earlier + [start]}
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
+
+
+def starts(run_dir: Path) -> list[dict]:
+    """The starts run.json records for ``run_dir`` ({started, git_sha}; None where not recorded)."""
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text()).get("starts", []) if path.exists() else []
 
 
 # what the optimizer's state dict brings back (its param groups' hyper-parameters; the lr from these):

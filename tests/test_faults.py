@@ -283,6 +283,8 @@ def test_a_checkpoint_of_the_old_format_resumes(tmp_path, data_root):
     assert (plan.norm_batch, plan.device_batch, cfg.batch_mode) == (2, 8, "grouped")
     out = train([*SHORT, f"run.dir={r}"], tmp_path, data_root)
     assert "resumed from" in out.stdout and "iteration 4" in out.stdout and _train_iters(r) == list(range(1, 13))
+    starts = json.loads((r / "summary.json").read_text())["starts"]  # the first start's commit was not recorded
+    assert [start["git_sha"] for start in starts] == [None, json.loads((r / "summary.json").read_text())["git_sha"]]
 
 
 def test_another_sgd_batch_on_resume_changes_the_lr_only_when_allowed():
@@ -321,3 +323,19 @@ def test_a_setting_the_saved_config_lacks_is_no_change():
     assert rundir.resume_changes(saved, now, (), 5) == []
     assert rundir.resume_changes({**saved, "seed": 1}, now, (), 5) == [{"iter": 5, "key": "seed", "old": 1, "new": 0}]
 
+
+
+def test_run_json_names_each_starts_commit_and_a_fresh_start_begins_again(tmp_path, monkeypatch):
+    """A run resumed on other code trained on two commits: run.json (and so summary.json) says which."""
+    from mabn import rundir
+
+    shas = iter(["aaa", "bbb", "ccc"])
+    monkeypatch.setattr(rundir, "git_sha", lambda: next(shas))
+    cfg = {"norm": {"name": "bn"}, "seed": 0}
+    rundir.record_config(tmp_path, cfg, resuming=False)
+    rundir.record_config(tmp_path, cfg, resuming=True)
+    assert [s["git_sha"] for s in rundir.starts(tmp_path)] == ["aaa", "bbb"]
+    assert all(s["started"] for s in rundir.starts(tmp_path))
+    rundir.record_config(tmp_path, cfg, resuming=False)  # no checkpoint to resume: this start is the first
+    assert [s["git_sha"] for s in rundir.starts(tmp_path)] == ["ccc"]
+    assert rundir.starts(tmp_path / "none") == []

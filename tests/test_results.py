@@ -355,3 +355,13 @@ def test_settling_compares_each_cells_last_epoch_change_with_its_seed_spread(tmp
     for metrics in (tmp_path / "records" / "fmnist").glob("*/metrics.jsonl"):
         metrics.write_text(json.dumps({"iter": 10, "val/top1": 90.0}) + "\n")
     assert "Has training settled?" not in render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+
+
+def test_provenance_names_every_commit_a_resumed_run_trained_on(sweep, tmp_path):
+    summary = sweep / "bn-n32-s0" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "git_sha": "def456",
+                                   "starts": [{"started": "t0", "git_sha": "abc123"},
+                                              {"started": "t1", "git_sha": "def456"}]}))
+    collect(sorted(p for p in sweep.iterdir() if (p / "summary.json").exists()), tmp_path / "records")
+    text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+    assert "- commit (runs): abc123 (5), abc123 then def456 (1)" in text

@@ -100,6 +100,10 @@ def test_resume_is_bitwise(norm, tmp_path, data_root):
     assert s1["iter"] == s2["iter"] == 6 and s1["last_eval"] == s2["last_eval"]
     lines = [json.loads(x) for x in (run_dir(resumed) / "metrics.jsonl").read_text().splitlines()]
     assert [x["iter"] for x in lines if "train/loss" in x] == list(range(1, 7))  # no duplicates
+    # the record names the code of each start (a run resumed after a git pull trained on two commits)
+    summary = json.loads((run_dir(resumed) / "summary.json").read_text())
+    assert [start["git_sha"] for start in summary["starts"]] == [summary["git_sha"]] * 2
+    assert len(json.loads((run_dir(straight) / "summary.json").read_text())["starts"]) == 1
 
 
 def test_sigterm_checkpoints_and_exits(tmp_path, data_root):

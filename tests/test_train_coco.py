@@ -61,6 +61,7 @@ def test_resume_after_a_stop_continues_exactly(tmp_path):
     assert not (d / "summary.json").exists()
     out = train_coco(["norm=mabn"], tmp_path / "resumed", tmp_path / "data")
     assert "at iteration 2" in out.stdout
+    assert len(json.loads((d / "summary.json").read_text())["starts"]) == 2  # each start's commit
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines if "total_loss" in x] == [0, 1, 2, 3]
     straight = torch.load(only_run(tmp_path / "straight") / "checkpoints" / "model_final.pth", weights_only=False)
