@@ -44,7 +44,8 @@ def config_failure(err: ConfigError, run_dir: Path | None = None) -> int:
         # a fresh claim this start made (run.json, an empty checkpoints/) is no run: the corrected command
         # may take the directory; any record or checkpoint, or another start's claim, keeps it
         claimed = run_dir.resolve() in rundir.FRESH_CLAIMS
-        own = [p for p in run_dir.iterdir() if p.name not in HYDRA_FILES and p.suffix != ".log" and not (
+        own = [p for p in run_dir.iterdir() if p.name not in (*HYDRA_FILES, rundir.LOCK_FILE)
+               and p.suffix != ".log" and not (
             claimed and (p.name in (rundir.RUN_FILE, "log.txt")  # log.txt: detectron2's log of this start
                          or (p.name == "checkpoints" and not any(p.iterdir()))))]
         if not own:
@@ -65,6 +66,7 @@ def run_job(body: Callable[[StopSignals], int], run_dir: Path | None = None) -> 
         code = config_failure(err, run_dir)
     finally:
         dist.cleanup()
+        rundir.release()
     if code == EXIT_PREEMPTED:
         stops.hand_over()
     return code

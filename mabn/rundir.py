@@ -9,9 +9,11 @@ first checkpoint: its records cannot match any checkpoint and are discarded, wit
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from .config import ConfigError
 from .records import git_sha
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".run.lock"  # held (flock) by the process training the run; the kernel drops it however that ends
 RECORD_FILES = ("metrics.jsonl", "summary.json", "diag_batch_stats.jsonl", "wandb_id.txt")
 # a run's identity: change any of these and it is another run (its checkpoint cannot continue it)
 IDENTITY = ("norm", "batch", "batch_mode", "model", "seed", "data.name", "data.batch_size", "data.num_classes",
@@ -88,7 +91,8 @@ def claim(run_dir: Path, cfg: dict, *, has_checkpoint: bool, resume: bool, overw
     ``has_checkpoint``: a readable checkpoint of this directory exists (``checkpoint_config`` its config);
     ``unreadable``: why each newer checkpoint file could not be read."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    files, notices, me = run_files(run_dir), [], identity(cfg)
+    notices = hold(run_dir)
+    files, me = run_files(run_dir), identity(cfg)
     if files and overwrite:
         _delete(run_dir, files)
         notices.append(f"run.overwrite=true: deleted the earlier run's files in {run_dir}")
@@ -117,6 +121,46 @@ def claim(run_dir: Path, cfg: dict, *, has_checkpoint: bool, resume: bool, overw
                 notices.append(f"{run_dir} has no checkpoint: the records of an earlier start that never "
                                f"checkpointed are discarded ({', '.join(p.name for p in stale)}); starting over")
     return notices
+
+
+# the run directories this process holds, until its job ends (release): {resolved path: lock file descriptor}
+_HELD: dict[Path, int] = {}
+
+
+def hold(run_dir: Path) -> list[str]:
+    """Make this process the only one training ``run_dir`` until ``release``, or raise ConfigError naming the
+    process that trains it (a sweep submitted twice, a cell started by hand beside its sweep: both would
+    write the same checkpoints and records). Returns a notice where the file system has no locks."""
+    key = run_dir.resolve()
+    if key in _HELD:
+        return []
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 300).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"run.dir={run_dir} is in use by {holder}: one process trains a run at a time; let "
+                          f"it finish, or stop it (a rerun resumes from its checkpoint), or choose another "
+                          f"run.name") from None
+    except OSError as err:  # e.g. a Lustre mount without -o flock
+        os.close(fd)
+        return [f"run.dir={run_dir}: its file system cannot lock files ({err.strerror}); a second start of "
+                f"this run while this one trains would not be refused"]
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"
+             .encode())
+    _HELD[key] = fd
+    return []
+
+
+def release() -> None:
+    """Let go of every run directory this process holds (its job is over; the next cell of a multirun in the
+    same process claims its own)."""
+    while _HELD:
+        fd = _HELD.popitem()[1]
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def recorded_config(run_dir: Path) -> dict | None:

@@ -339,3 +339,48 @@ def test_run_json_names_each_starts_commit_and_a_fresh_start_begins_again(tmp_pa
     rundir.record_config(tmp_path, cfg, resuming=False)  # no checkpoint to resume: this start is the first
     assert [s["git_sha"] for s in rundir.starts(tmp_path)] == ["ccc"]
     assert rundir.starts(tmp_path / "none") == []
+
+
+def test_a_second_process_cannot_train_a_run_that_one_is_training(tmp_path, data_root):
+    """A sweep submitted twice, or a cell started by hand beside its sweep: the second start is refused and
+    names the process training the run; once that one has stopped, the run resumes."""
+    proc = _popen(["norm=bn", "batch=8", "epochs=1000", "train.max_iters_per_epoch=null"], tmp_path, data_root)
+    try:
+        _wait_for("*/metrics.jsonl", tmp_path)
+        second = train(["norm=bn", "batch=8", "epochs=1000", "train.max_iters_per_epoch=null"], tmp_path, data_root,
+                       check=False)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"is in use by pid {proc.pid} on " in second.stderr and "one process trains a run" in second.stderr
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    d = run_dir(tmp_path)
+    stopped_at = torch.load(d / "checkpoints" / "last.pt", weights_only=False)["state"]["iter"]
+    assert _train_iters(d)[-1] == stopped_at  # the refused start wrote nothing of its own
+    out = train(["norm=bn", "batch=8", "epochs=1000", "train.max_iters_per_epoch=null",
+                 "train.stop_after_iters=2"], tmp_path, data_root)  # two iterations of this start
+    assert f"iteration {stopped_at}" in out.stdout
+    assert _train_iters(d)[-1] == stopped_at + 2
+
+
+def test_run_directory_lock_is_released_when_the_job_ends(tmp_path):
+    """The lock lives as long as the job: the next cell of a multirun in the same process, or any other
+    process, may take the directory afterwards."""
+    from mabn import rundir
+
+    probe = [sys.executable, "-c", "import sys; from pathlib import Path; from mabn import rundir; "
+             "rundir.hold(Path(sys.argv[1]))", str(tmp_path)]
+    rundir.hold(tmp_path)
+    try:
+        refused = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True)
+        assert refused.returncode != 0 and f"is in use by pid {os.getpid()}" in refused.stderr
+        assert rundir.hold(tmp_path) == []  # this process holds it already
+    finally:
+        rundir.release()
+    assert subprocess.run(probe, cwd=ROOT, capture_output=True, text=True).returncode == 0
+    try:  # and the kernel let go of that process's lock when it exited
+        assert rundir.hold(tmp_path) == []
+    finally:
+        rundir.release()
