@@ -220,10 +220,10 @@ def record_config(run_dir: Path, cfg: dict, *, resuming: bool = False) -> None:
     An earlier start that predates this list is kept as a start of unknown commit."""
     path = run_dir / RUN_FILE
     old = json.loads(path.read_text()) if path.exists() else {}
-    created = old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     earlier = old.get("starts", [{"started": None, "git_sha": None}]) if resuming else []  # a checkpoint: ran
-    start = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_sha": git_sha()}
-    record = {"identity": identity(cfg), "created": created, "config": cfg, "starts": earlier + [start]}
+    record = {"identity": identity(cfg), "created": old.get("created", now), "config": cfg,
+              "starts": earlier + [{"started": now, "git_sha": git_sha()}]}
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
