@@ -89,11 +89,39 @@ def test_full_length_sweep_leaves_out_recorded_cells(tmp_path):
         "norm=gnws,evonorm_s0,frn,ln,in,cbn batch=2 seed=0 launcher.n_jobs=2"]
 
 
-def _cells(commands):
+def test_longer_runs_of_the_claims_cells_seed_by_seed(tmp_path):
+    """fmnist_long.sh: bn, mabn, brn at n = 2 and bn at n = 32 at 6 epochs, seed by seed; recorded cells left out."""
+    commands = _dry_run("fmnist_long.sh", LAUNCHER="joblib", JOBS="2", RECORDS="none")
+    cells = _cells(commands, "fmnist_long")
+    assert len(cells) == len(set(cells)) == 12
+    assert [seed for seed, *_ in cells] == sorted(seed for seed, *_ in cells)
+    assert {(norm, n) for seed, norm, n in cells if seed == 2} == {("bn", 2), ("mabn", 2), ("brn", 2), ("bn", 32)}
+    for cell in ("bn-n2", "bn-n32"):
+        (tmp_path / f"fmnist_long-fmnist-cifar_resnet20-{cell}-b32-s0").mkdir()
+        (tmp_path / f"fmnist_long-fmnist-cifar_resnet20-{cell}-b32-s0" / "summary.json").write_text("{}")
+    commands = _dry_run("fmnist_long.sh", LAUNCHER="joblib", JOBS="2", RECORDS=str(tmp_path), SEEDS="0")
+    assert _cells(commands, "fmnist_long") == [(0, "mabn", 2), (0, "brn", 2)]
+
+
+@pytest.mark.parametrize("script,experiment", [("fmnist.sh", "fmnist"), ("fmnist_long.sh", "fmnist_long")])
+def test_recorded_cells_are_looked_up_under_the_run_names_the_config_gives(script, experiment):
+    """The prefix a sweep script looks recorded cells up by is the one configs name the runs with."""
+    from hydra import compose, initialize_config_dir
+
+    import mabn.config  # noqa: F401  (registers the ${model_label:...} resolver run names use)
+
+    prefix = next(line.split("=", 1)[1].split()[0] for line in (ROOT / "scripts/sweeps" / script).read_text()
+                  .splitlines() if line.startswith("RUN="))
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train_imagenet", overrides=[f"experiment={experiment}", "norm=mabn", "batch=2", "seed=1"])
+    assert cfg.run.name == f"{prefix}-mabn-n2-b32-s1"
+
+
+def _cells(commands, experiment="fmnist"):
     cells = []
     for c in commands:
         args = dict(a.split("=", 1) for a in c.split()[3:])
-        assert args["experiment"] == "fmnist" and args["launcher.n_jobs"] == "2"
+        assert args["experiment"] == experiment and args["launcher.n_jobs"] == "2"
         cells += [(int(args["seed"]), norm, int(n)) for norm in args["norm"].split(",")
                   for n in args["batch"].split(",")]
     return cells

@@ -33,3 +33,12 @@ sweep() {  # sweep ENTRY_SCRIPT OVERRIDE... : one Hydra multirun, one job per ce
   [ "${DRY_RUN:-0}" = 1 ] && return 0
   SLURM_PARTITION=${SLURM_PARTITION:-} SLURM_ACCOUNT=${SLURM_ACCOUNT:-} "${cmd[@]}"
 }
+
+remaining() {  # remaining RUN SEED N NORM... : the norms whose cell RUN-<norm>-n<N>-b32-s<SEED> has no record in
+  # $RECORDS yet (a run of an earlier session or machine), comma-separated; RECORDS=none: none are recorded
+  local run=$1 seed=$2 n=$3 out=() norm; shift 3
+  for norm in "$@"; do
+    [ -f "$RECORDS/$run-$norm-n$n-b32-s$seed/summary.json" ] || out+=("$norm")
+  done
+  (IFS=,; echo "${out[*]}")
+}

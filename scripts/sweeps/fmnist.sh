@@ -14,20 +14,14 @@
 . "$(dirname "$0")/common.sh"
 RECORDS=${RECORDS:-results/records/fmnist}
 
-remaining() {  # remaining SEED N NORM... : the norms whose (n, seed) cell has no record yet, comma-separated
-  local seed=$1 n=$2 out=() norm; shift 2
-  for norm in "$@"; do
-    [ -f "$RECORDS/fmnist-cifar_resnet20-$norm-n$n-b32-s$seed/summary.json" ] || out+=("$norm")
-  done
-  (IFS=,; echo "${out[*]}")
-}
+RUN=fmnist-cifar_resnet20  # the run directories' prefix (configs/train_imagenet.yaml run.name)
 
 for seed in ${SEEDS:-0 1 2}; do
   # one multirun for the batches left with the same norms (all of them, in a fresh sweep: 9 cells at once)
   declare -A batches=()
   order=()
   for n in 2 32 1; do
-    norms=$(remaining "$seed" "$n" bn mabn brn)
+    norms=$(remaining "$RUN" "$seed" "$n" bn mabn brn)
     [ -n "$norms" ] || continue
     [ -n "${batches[$norms]:-}" ] || order+=("$norms")
     batches[$norms]=${batches[$norms]:+${batches[$norms]},}$n
@@ -38,6 +32,6 @@ for seed in ${SEEDS:-0 1 2}; do
   unset batches
   # gn, then the later norms (MABN's paper does not report them; results/fmnist.md shows them as rows of our
   # own); cbn last: its Taylor compensation costs two conv weight-gradients per normalization batch
-  norms=$(remaining "$seed" 2 gn gnws evonorm_s0 frn ln in cbn)
+  norms=$(remaining "$RUN" "$seed" 2 gn gnws evonorm_s0 frn ln in cbn)
   [ -z "$norms" ] || sweep train_imagenet.py experiment=fmnist logger=none norm="$norms" batch=2 seed="$seed" "$@"
 done
