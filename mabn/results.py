@@ -48,6 +48,13 @@ class Cell:
 # Tables that split one norm's rows by settings that are not ablation switches: {table: {norm: keys}}
 ROW_KEYS = {"fmnist_brn_schedule": {"brn": ("schedule_ref_iters", "r_max", "d_max")}}
 
+# Tables that train another table's cells for longer, the same protocol otherwise: {table: the shorter table}
+LONGER_OF = {"fmnist_long": "fmnist"}
+
+# The gaps the MABN paper's claims compare (a@n_a − b@n_b): BN's small-batch loss, MABN against BN at its
+# normal batch, BRN against BN at the small batch
+CLAIM_GAPS = (("bn", 2, "bn", 32), ("mabn", 2, "bn", 32), ("brn", 2, "bn", 2))
+
 # The keys a record cannot be placed in a table without: its row and its column.
 REQUIRED = ("norm", "norm_batch")
 
@@ -413,8 +420,11 @@ def _claim_sections(table: str, task: str, grid: list[Cell], key: str) -> list[s
     return out
 
 
-def render_table(table: str, records: list[dict], figures: list[str] = ()) -> str:
-    """The markdown of one results table: ours per cell, then the papers' numbers in their own columns."""
+def render_table(table: str, records: list[dict], figures: list[str] = (),
+                 shorter: list[dict] | None = None, longer: str | None = None) -> str:
+    """The markdown of one results table: ours per cell, then the papers' numbers in their own columns.
+    ``shorter``: the records of the table this one trains for longer (LONGER_OF), set beside it; ``longer``:
+    the name of a table that trains this one's cells for longer, pointed to from the settling section."""
     task = _task(records)
     grid = cells(records)
     metrics = METRICS[task]
@@ -437,6 +447,10 @@ def render_table(table: str, records: list[dict], figures: list[str] = ()) -> st
     out += _claim_sections(table, task, grid, metrics[0][0])
     if task == "classification":
         out += settling(grid, metrics[0][0])
+        if longer:
+            out += [f"`{longer}.md` trains the cells of the paper's claims for longer: whether the gaps hold.", ""]
+    if shorter is not None:
+        out += against_shorter(grid, LONGER_OF[table], shorter, metrics[0][0])
     reported: list[Reported] = reported_for(task, table)
     out += ["## Reported in the papers (not this data or hardware unless stated; reference only)", "",
             "| norm | n | " + " | ".join(f"this repo: {h}" for _, h, _ in metrics) + " | runs | "
@@ -522,6 +536,67 @@ def settling(grid: list[Cell], key: str = "top1_err") -> list[str]:
              "Change of top-1 err (points) over each run's last epoch (its last evaluation minus the one "
              "before; mean over the cell's finished runs), beside the cell's seed std.", "",
              "| norm | n | last-epoch change | seed std |", "|---|---|---|---|"] + rows + ["", verdict, ""])
+
+
+def _by_seed(cell: Cell | None, key: str) -> dict:
+    return {} if cell is None else {r.get("seed"): r[key] for r in cell.finished if r.get(key) is not None}
+
+
+def _length(records: list[dict]) -> str:
+    return ", ".join(sorted({str(r.get("epochs")) for r in records})) + " epochs"
+
+
+def against_shorter(grid: list[Cell], shorter_name: str, shorter: list[dict], key: str = "top1_err") -> list[str]:
+    """Has the shorter table settled? Each cell here beside the same cell of the shorter table on the same
+    seeds, then the gaps the paper's claims compare (CLAIM_GAPS) at both lengths."""
+    short = {(c.label, c.n): c for c in cells(shorter)}
+    head, tail = _length(shorter), _length([r for c in grid for r in c.runs])
+    rows = []
+    for c in grid:
+        was, now = _by_seed(short.get((c.label, c.n)), key), _by_seed(c, key)
+        seeds = set(was) & set(now)
+        if seeds:
+            a, b = statistics.fmean(was[s] for s in seeds), statistics.fmean(now[s] for s in seeds)
+            rows.append(f"| {c.label} | {c.n} | {len(seeds)} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+    out = [f"## Against `{shorter_name}.md`: the same cells and seeds at {head}", ""]
+    if not rows:
+        return out + ["No cell has finished at both lengths on the same seed yet.", ""]
+    out += ["Top-1 err (%), mean over the seeds that finished at both lengths.", "",
+            f"| norm | n | seeds | {head} | {tail} | change |", "|---|---|---|---|---|---|"] + rows + [""]
+    return out + _gaps_at_both_lengths(short, {(c.label, c.n): c for c in grid}, (head, tail), key)
+
+
+def _gaps_at_both_lengths(short: dict, long: dict, lengths: tuple[str, str], key: str) -> list[str]:
+    """Each claim's gap (a − b, mean over the seeds all four runs share) at both lengths; a gap that moved by
+    more than the shorter table's seed spread of it (the claims' criterion) says it had not settled."""
+    head, tail = lengths
+    out, moved, judged = [], 0, 0
+    for name_a, n_a, name_b, n_b in CLAIM_GAPS:
+        a, b = (name_a, n_a), (name_b, n_b)
+        runs = [_by_seed(table.get(cell), key) for table in (short, long) for cell in (a, b)]
+        seeds = set.intersection(*(set(r) for r in runs))
+        if not seeds:
+            continue
+        was, now = (statistics.fmean(x[s] - y[s] for s in seeds) for x, y in (runs[:2], runs[2:]))
+        spreads = [_spread(short[cell], key) for cell in (a, b)]
+        if all(spreads):
+            judged += 1
+            spread = spreads[0][1] + spreads[1][1]
+            moved += abs(now - was) > spread
+            verdict = f"{'moved beyond' if abs(now - was) > spread else 'within'} the spread {spread:.2f}"
+        else:
+            verdict = "no spread to judge by (fewer than two seeds in the shorter table)"
+        out.append(f"- {name_a}@{n_a} − {name_b}@{n_b}: {was:+.2f} at {head}, {now:+.2f} at {tail} "
+                   f"({len(seeds)} seed{'s' * (len(seeds) > 1)}): {verdict}.")
+    if not out:
+        return []
+    out = ["Gaps the paper's claims compare, on the seeds all four runs share; the spread is the shorter "
+           "table's (sum of the two cells' sample stds over all its seeds):", ""] + out + [""]
+    if judged:
+        out += [f"**{moved} of {judged} gaps moved beyond the spread**: " + (
+            f"the comparison at {head} had not settled." if moved else
+            f"the comparison at {head} holds at {tail}, as far as these seeds show."), ""]
+    return out
 
 
 def plot_table(table: str, records: list[dict], out_dir: Path) -> list[str]:
@@ -621,6 +696,8 @@ def make_tables(records_root: Path, out_dir: Path, plots: bool = True) -> list[P
     for table, records in sorted(tables.items()):
         figures = plot_table(table, records, out_dir / "figures") if plots else []
         path = out_dir / f"{table}.md"
-        path.write_text(render_table(table, records, [f"figures/{f}" for f in figures]))
+        longer = next((name for name, base in LONGER_OF.items() if base == table and name in tables), None)
+        path.write_text(render_table(table, records, [f"figures/{f}" for f in figures],
+                                     shorter=tables.get(LONGER_OF.get(table, "")), longer=longer))
         written.append(path)
     return written

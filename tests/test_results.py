@@ -365,3 +365,49 @@ def test_provenance_names_every_commit_a_resumed_run_trained_on(sweep, tmp_path)
     collect(sorted(p for p in sweep.iterdir() if (p / "summary.json").exists()), tmp_path / "records")
     text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
     assert "- commit (runs): abc123 (5), abc123 then def456 (1)" in text
+
+
+def _long_and_short(root: Path, long_top1: dict) -> Path:
+    """records/fmnist (3 epochs: two seeds of bn@2, bn@32, mabn@2, one of brn@2) and records/fmnist_long
+    (6 epochs: seed 0 of the cells in long_top1)."""
+    runs = root / "runs"
+    short = {("bn", 2): (90.0, 91.0), ("bn", 32): (92.0, 92.5), ("mabn", 2): (92.5, 92.4), ("brn", 2): (89.0,)}
+    for (norm, n), accs in short.items():
+        for seed, top1 in enumerate(accs):
+            write_run(runs, f"{norm}-n{n}-s{seed}", norm=norm, norm_batch=n, seed=seed, top1=top1)
+    for (norm, n), top1 in long_top1.items():
+        write_run(runs, f"long-{norm}-n{n}-s0", norm=norm, norm_batch=n, seed=0, top1=top1, epochs=6,
+                  experiment="fmnist_long")
+    shutil.rmtree(root / "records", ignore_errors=True)
+    collect(sorted(runs.iterdir()), root / "records")
+    shutil.rmtree(runs)
+    make_tables(root / "records", root / "results", plots=False)
+    return root / "results"
+
+
+def test_a_longer_table_sets_each_cell_and_the_claims_gaps_beside_the_shorter_one(tmp_path):
+    out = _long_and_short(tmp_path, {("bn", 2): 93.0, ("bn", 32): 93.5, ("mabn", 2): 93.1, ("brn", 2): 92.0})
+    assert "`fmnist_long.md` trains the cells of the paper's claims for longer" in (out / "fmnist.md").read_text()
+    text = (out / "fmnist_long.md").read_text()
+    section = text.split("## Against `fmnist.md`: the same cells and seeds at 3 epochs")[1].split("## Reported")[0]
+    for row in ("| norm | n | seeds | 3 epochs | 6 epochs | change |", "| bn | 2 | 1 | 10.00 | 7.00 | -3.00 |",
+                "| bn | 32 | 1 | 8.00 | 6.50 | -1.50 |", "| mabn | 2 | 1 | 7.50 | 6.90 | -0.60 |",
+                "| brn | 2 | 1 | 11.00 | 8.00 | -3.00 |"):
+        assert row in section
+    # spreads of the 3-epoch table: bn@2 0.71 + bn@32 0.35 = 1.06; mabn@2 0.07 + bn@32 0.35 = 0.42
+    assert "- bn@2 − bn@32: +2.00 at 3 epochs, +0.50 at 6 epochs (1 seed): moved beyond the spread 1.06." in section
+    assert "- mabn@2 − bn@32: -0.50 at 3 epochs, +0.40 at 6 epochs (1 seed): moved beyond the spread 0.42." in section
+    assert ("- brn@2 − bn@2: +1.00 at 3 epochs, +1.00 at 6 epochs (1 seed): no spread to judge by (fewer than "
+            "two seeds in the shorter table).") in section
+    assert "**2 of 2 gaps moved beyond the spread**: the comparison at 3 epochs had not settled." in section
+    # gaps within the spreads (bn@2 − bn@32 +2.50, mabn@2 − bn@32 -0.30): the comparison holds
+    text = (_long_and_short(tmp_path, {("bn", 2): 91.0, ("bn", 32): 93.5, ("mabn", 2): 93.8}) / "fmnist_long.md")
+    text = text.read_text()
+    assert "- bn@2 − bn@32: +2.00 at 3 epochs, +2.50 at 6 epochs (1 seed): within the spread 1.06." in text
+    assert "- mabn@2 − bn@32: -0.50 at 3 epochs, -0.30 at 6 epochs (1 seed): within the spread 0.42." in text
+    assert "brn@2 − bn@2" not in text
+    assert ("**0 of 2 gaps moved beyond the spread**: the comparison at 3 epochs holds at 6 epochs, as far as "
+            "these seeds show.") in text
+    # no seed at both lengths yet
+    text = (_long_and_short(tmp_path, {("gn", 2): 91.0}) / "fmnist_long.md").read_text()
+    assert "No cell has finished at both lengths on the same seed yet." in text and "| gn | 2 | 1 |" not in text
