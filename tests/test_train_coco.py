@@ -174,7 +174,7 @@ def test_sigterm_checkpoints_and_exits(tmp_path):
     assert "stopped by signal at iteration" in stdout
     (last,) = (tmp_path / "runs").glob("*/checkpoints/last_checkpoint")
     saved = torch.load(last.parent / last.read_text().strip(), weights_only=False)
-    assert saved["iteration"] >= 0 and "RNGState" in saved["trainer"]["hooks"]
+    assert saved["iteration"] >= 0 and len(saved["trainer"]["hooks"]["RankState"]["per_rank"]) == 1
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "detectron2_launch"])
@@ -199,3 +199,25 @@ def test_ddp_two_processes_gloo(tmp_path, launcher):
                               "solver.steps=[3]", "run.name=stopped", "train.stop_after_iters=1"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0 and "stopped by train.stop_after_iters at iteration 1" in out.stdout
+
+
+def test_ddp_resume_gives_each_rank_its_own_statistics_and_random_streams(tmp_path):
+    """Two gloo ranks, mabn at n = 1 (each rank's moving averages are of its own batches): a run stopped after
+    2 of 4 iterations and resumed ends bitwise where a straight run does. detectron2's checkpoint is rank 0's;
+    resumed from it alone, rank 1 would continue with rank 0's statistics and RNG states."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_DATA": str(tmp_path / "data")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_coco.py"), *TINY, "norm=mabn", "batch=1", "train.eval_period=100"]
+    for runs, extra in (("straight", []), ("resumed", ["train.stop_after_iters=2"]), ("resumed", [])):
+        out = subprocess.run([*cmd, *extra], cwd=ROOT, env={**env, "MABN_RUNS": str(tmp_path / runs)},
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-4000:]
+    straight, resumed = (torch.load(only_run(tmp_path / runs) / "checkpoints" / "model_final.pth",
+                                    weights_only=False) for runs in ("straight", "resumed"))
+    ranks = [state["norm_state"] for state in straight["trainer"]["hooks"]["RankState"]["per_rank"]]
+    assert len(ranks) == 2 and any(not torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # own batches
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for mine, theirs in zip(ranks, (s["norm_state"] for s in resumed["trainer"]["hooks"]["RankState"]["per_rank"]),
+                            strict=True):
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, hooks
 from detectron2.solver import LRMultiplier, WarmupParamScheduler
 from detectron2.utils import comm
@@ -23,7 +22,7 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from mabn.dist import all_reduce_max
 
 from .events import WandbWriter
-from .hooks import FiniteWeights, MetricPrinter, RNGState, StopHook, StopTraining, WallClock
+from .hooks import FiniteWeights, MetricPrinter, RankCheckpointer, RankState, StopHook, StopTraining, WallClock
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +137,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, train_loade
     ckpt_dir = output_dir / "checkpoints"
     if comm.is_main_process():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = DetectionCheckpointer(model, str(ckpt_dir), trainer=trainer)
+    rank_state = RankState(model)
+    checkpointer = RankCheckpointer(model, str(ckpt_dir), trainer=trainer, rank_state=rank_state)
     last_eval: dict = {}
 
     def run_eval() -> dict:
@@ -151,7 +151,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, train_loade
                WandbWriter(wandb_run)] if comm.is_main_process() else []
     trainer.register_hooks([  # registered before a resume: their state (lr, clock, RNG) is restored too
         clock,
-        RNGState(),
+        rank_state,
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=LRMultiplier(optimizer, schedule.lr_multiplier(), schedule.max_iter)),
         FiniteWeights(model),  # before the checkpointer: no checkpoint of a diverged step

@@ -1,5 +1,5 @@
-"""Hooks of the detection loop: a printer that survives early stops, wall time and RNG states kept across a
-resume, and the stop (preemption or a requested stop) that checkpoints first."""
+"""Hooks of the detection loop: a printer that survives early stops, wall time and each rank's norm statistics
+and RNG states kept across a resume, and the stop (preemption or a requested stop) that checkpoints first."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase
 from detectron2.utils.events import CommonMetricPrinter, get_event_storage
 
-from mabn.checkpoint import rng_state, set_rng_state
+from mabn.checkpoint import load_norm_state, norm_state, rng_state, set_rng_state
 from mabn.dist import all_reduce_max
 from mabn.engine import state_tensors
+from mabn.norms import batch_dependent_types
 
 
 class StopTraining(BaseException):  # noqa: N818 - control flow, like SystemExit: not an error to log
@@ -58,19 +61,55 @@ class WallClock(HookBase):
         self._before, self._start = state["elapsed"], time.time()
 
 
-class RNGState(HookBase):
-    """The RNG states (torch, numpy, Python) saved with every checkpoint and restored on resume: RoI sampling
-    and, with in-process loading (workers=0), augmentation continue exactly where the run stopped."""
+class RankState(HookBase):
+    """Each rank's batch-dependent norm buffers (MABN's moving averages, BN's running statistics) and RNG
+    states (torch, numpy, Python), saved with every checkpoint and restored on resume, each rank its own:
+    detectron2's checkpoint is rank 0's, so without this every rank would resume with rank 0's statistics
+    and random streams. ``gather()`` (collective) runs on every rank right before each save (RankCheckpointer);
+    a run resumed on fewer ranks keeps each rank's own, on more ranks the new ones get rank 0's."""
 
-    # detectron2 loads checkpoints with torch.load(weights_only=True): numpy's key array travels as a tensor
+    def __init__(self, model: torch.nn.Module):
+        self._model = model
+        self._gathered: list = []
+
+    def gather(self) -> None:
+        mine = {"norm_state": norm_state(self._model, batch_dependent_types()), "rng": _portable(rng_state())}
+        if dist.is_available() and dist.is_initialized():
+            self._gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(self._gathered, mine)
+        else:
+            self._gathered = [mine]
+
     def state_dict(self) -> dict:
-        state = rng_state()
-        kind, key, pos, has_gauss, gauss = state["numpy"]
-        return {**state, "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)}
+        return {"per_rank": self._gathered}
 
     def load_state_dict(self, state: dict) -> None:
-        kind, key, pos, has_gauss, gauss = state["numpy"]
-        set_rng_state({**state, "numpy": (kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss)})
+        per_rank = state["per_rank"]
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        mine = per_rank[rank] if rank < len(per_rank) else per_rank[0]
+        load_norm_state(self._model, mine["norm_state"])
+        kind, key, pos, has_gauss, gauss = mine["rng"]["numpy"]
+        set_rng_state({**mine["rng"], "numpy": (kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss)})
+
+
+def _portable(state: dict) -> dict:
+    """RNG states detectron2 can load: it reads checkpoints with torch.load(weights_only=True), so numpy's key
+    array travels as a tensor."""
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    return {**state, "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)}
+
+
+class RankCheckpointer(DetectionCheckpointer):
+    """detectron2's checkpointer, with every rank's RankState gathered before each save (every rank calls
+    ``save``; rank 0 writes): periodic checkpoints, the final one and a stop's all carry each rank's own."""
+
+    def __init__(self, model: torch.nn.Module, save_dir: str, *, trainer, rank_state: RankState):
+        super().__init__(model, save_dir, trainer=trainer)
+        self._rank_state = rank_state
+
+    def save(self, name: str, **kwargs) -> None:
+        self._rank_state.gather()
+        super().save(name, **kwargs)
 
 
 class StopHook(HookBase):
