@@ -405,6 +405,9 @@ def _claim_sections(table: str, task: str, grid: list[Cell], key: str) -> list[s
                 "The paper (ImageNet, error): BN@2 35.2 far above BN@32 23.4, MABN@2 23.7 near BN@32, "
                 "BRN@2 30.3 between. \"Beyond the seed spread\": the means differ by more than the sum of "
                 "the two sample stds.", ""] + checked + [""]
+        at_one = claims(grid, key, small=1)
+        if at_one:  # where a small data set needs a smaller batch than ImageNet to hurt BN
+            out += ["The same claims at n = 1:", ""] + at_one + [""]
     if table in ROW_KEYS:
         out += ["## Each setting against bn, checked on these records", "",
                 f"Rows split by {', '.join(sorted({k for keys in ROW_KEYS[table].values() for k in keys}))}. "

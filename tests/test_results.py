@@ -180,6 +180,29 @@ def test_script_writes_the_repository_results_only_from_its_own_records(sweep, t
     assert not (ROOT / "results" / "mine").exists()
 
 
+def test_paper_claims_are_checked_at_n_1_too_when_the_table_has_it(tmp_path):
+    runs = tmp_path / "runs"
+    errors = {("bn", 1): (40.0, 42.0), ("bn", 2): (9.0, 9.2), ("bn", 32): (8.5, 8.7), ("mabn", 1): (8.3, 8.5),
+              ("mabn", 2): (8.1, 8.1)}
+    for (norm, n), errs in errors.items():
+        for seed, err in enumerate(errs):
+            write_run(runs, f"{norm}-n{n}-s{seed}", norm=norm, norm_batch=n, seed=seed, top1=100.0 - err)
+    collect(sorted(runs.iterdir()), tmp_path / "records")
+    text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+    section = text.split("The same claims at n = 1:")[1].split("## ")[0]
+    assert ("- BN@1 worse than BN@32 beyond the seed spread: **yes** — bn@1 41.00 ± 1.41 vs bn@32 8.60 ± 0.14: "
+            "gap +32.40, spread 1.56.") in section
+    assert ("- MABN@1 within the seed spread of BN@32: **yes** — mabn@1 8.40 ± 0.14 vs bn@32 8.60 ± 0.14: "
+            "gap -0.20, spread 0.28.") in section
+    assert "BRN@1" not in section  # no brn cells: left out
+    assert "- BN@2 worse than BN@32 beyond the seed spread: **yes** — bn@2 9.10 ± 0.14" in text.split(section)[0]
+    # without n = 1 cells, no such paragraph
+    for seed in range(2):
+        (tmp_path / "records" / "fmnist" / f"bn-n1-s{seed}" / "summary.json").unlink()
+        (tmp_path / "records" / "fmnist" / f"mabn-n1-s{seed}" / "summary.json").unlink()
+    assert "The same claims at n = 1" not in render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
+
+
 def test_paper_claims_are_checked_from_the_records(tmp_path):
     runs = tmp_path / "runs"
     errors = {("bn", 2): (18.0, 19.0, 20.0), ("bn", 32): (10.0, 10.5, 11.0),
