@@ -90,17 +90,19 @@ def test_full_length_sweep_leaves_out_recorded_cells(tmp_path):
 
 
 def test_longer_runs_of_the_claims_cells_seed_by_seed(tmp_path):
-    """fmnist_long.sh: bn, mabn, brn at n = 2 and bn at n = 32 at 6 epochs, seed by seed; recorded cells left out."""
+    """fmnist_long.sh: bn, mabn, brn at n = 2 and bn, mabn at n = 32 at 6 epochs, seed by seed; recorded cells
+    left out."""
     commands = _dry_run("fmnist_long.sh", LAUNCHER="joblib", JOBS="2", RECORDS="none")
     cells = _cells(commands, "fmnist_long")
-    assert len(cells) == len(set(cells)) == 12
+    assert len(cells) == len(set(cells)) == 15
     assert [seed for seed, *_ in cells] == sorted(seed for seed, *_ in cells)
-    assert {(norm, n) for seed, norm, n in cells if seed == 2} == {("bn", 2), ("mabn", 2), ("brn", 2), ("bn", 32)}
+    assert {(norm, n) for seed, norm, n in cells if seed == 2} == {("bn", 2), ("mabn", 2), ("brn", 2), ("bn", 32),
+                                                                ("mabn", 32)}
     for cell in ("bn-n2", "bn-n32"):
         (tmp_path / f"fmnist_long-fmnist-cifar_resnet20-{cell}-b32-s0").mkdir()
         (tmp_path / f"fmnist_long-fmnist-cifar_resnet20-{cell}-b32-s0" / "summary.json").write_text("{}")
     commands = _dry_run("fmnist_long.sh", LAUNCHER="joblib", JOBS="2", RECORDS=str(tmp_path), SEEDS="0")
-    assert _cells(commands, "fmnist_long") == [(0, "mabn", 2), (0, "brn", 2)]
+    assert _cells(commands, "fmnist_long") == [(0, "mabn", 2), (0, "brn", 2), (0, "mabn", 32)]
 
 
 @pytest.mark.parametrize("script,experiment", [("fmnist.sh", "fmnist"), ("fmnist_long.sh", "fmnist_long")])
