@@ -149,7 +149,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, train_loade
     clock = WallClock()
     writers = [MetricPrinter(schedule.max_iter), JSONWriter(str(output_dir / "metrics.jsonl")),
                WandbWriter(wandb_run)] if comm.is_main_process() else []
-    trainer.register_hooks([  # registered before a resume: their state (lr, clock, RNG) is restored too
+    # registered before a resume: their state (lr, clock, each rank's norm buffers and RNG) is restored too
+    trainer.register_hooks([
         clock,
         rank_state,
         hooks.IterationTimer(),
