@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import HookBase
+from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, get_event_storage
 
 from mabn.checkpoint import load_norm_state, norm_state, rng_state, set_rng_state
@@ -73,19 +73,15 @@ class RankState(HookBase):
         self._gathered: list = []
 
     def gather(self) -> None:
-        mine = {"norm_state": norm_state(self._model, batch_dependent_types()), "rng": _portable(rng_state())}
-        if dist.is_available() and dist.is_initialized():
-            self._gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(self._gathered, mine)
-        else:
-            self._gathered = [mine]
+        self._gathered = comm.all_gather(
+            {"norm_state": norm_state(self._model, batch_dependent_types()), "rng": _portable(rng_state())})
 
     def state_dict(self) -> dict:
         return {"per_rank": self._gathered}
 
     def load_state_dict(self, state: dict) -> None:
         per_rank = state["per_rank"]
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank = comm.get_rank()
         mine = per_rank[rank] if rank < len(per_rank) else per_rank[0]
         load_norm_state(self._model, mine["norm_state"])
         kind, key, pos, has_gauss, gauss = mine["rng"]["numpy"]
