@@ -180,14 +180,21 @@ def test_script_writes_the_repository_results_only_from_its_own_records(sweep, t
     assert not (ROOT / "results" / "mine").exists()
 
 
-def test_paper_claims_are_checked_at_n_1_too_when_the_table_has_it(tmp_path):
+def _recorded(tmp_path: Path, errors: dict) -> Path:
+    """Runs of {(norm, n): (top-1 err of seed 0, of seed 1, ...)} written under tmp_path/runs and collected into
+    tmp_path/records; returns the runs folder."""
     runs = tmp_path / "runs"
-    errors = {("bn", 1): (40.0, 42.0), ("bn", 2): (9.0, 9.2), ("bn", 32): (8.5, 8.7), ("mabn", 1): (8.3, 8.5),
-              ("mabn", 2): (8.1, 8.1)}
     for (norm, n), errs in errors.items():
         for seed, err in enumerate(errs):
             write_run(runs, f"{norm}-n{n}-s{seed}", norm=norm, norm_batch=n, seed=seed, top1=100.0 - err)
     collect(sorted(runs.iterdir()), tmp_path / "records")
+    return runs
+
+
+def test_paper_claims_are_checked_at_n_1_too_when_the_table_has_it(tmp_path):
+    errors = {("bn", 1): (40.0, 42.0), ("bn", 2): (9.0, 9.2), ("bn", 32): (8.5, 8.7), ("mabn", 1): (8.3, 8.5),
+              ("mabn", 2): (8.1, 8.1)}
+    _recorded(tmp_path, errors)
     text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
     section = text.split("The same claims at n = 1:")[1].split("## ")[0]
     assert ("- BN@1 worse than BN@32 beyond the seed spread: **yes** — bn@1 41.00 ± 1.41 vs bn@32 8.60 ± 0.14: "
@@ -204,13 +211,9 @@ def test_paper_claims_are_checked_at_n_1_too_when_the_table_has_it(tmp_path):
 
 
 def test_paper_claims_are_checked_from_the_records(tmp_path):
-    runs = tmp_path / "runs"
     errors = {("bn", 2): (18.0, 19.0, 20.0), ("bn", 32): (10.0, 10.5, 11.0),
               ("mabn", 2): (10.25, 10.75, 11.25), ("brn", 2): (14.0, 15.0, 16.0)}
-    for (norm, n), errs in errors.items():
-        for seed, err in enumerate(errs):
-            write_run(runs, f"{norm}-n{n}-s{seed}", norm=norm, norm_batch=n, seed=seed, top1=100.0 - err)
-    collect(sorted(runs.iterdir()), tmp_path / "records")
+    runs = _recorded(tmp_path, errors)
     text = render_table("fmnist", load_tables(tmp_path / "records")["fmnist"])
     section = text.split("## The MABN paper's claims, checked on these records")[1].split("## Reported")[0]
     assert ("- BN@2 worse than BN@32 beyond the seed spread: **yes** — "
