@@ -81,7 +81,7 @@ class RunFacts:
     """What every summary.json says, whatever the task and however the run ended."""
 
     def __init__(self, **facts):
-        self.sha = git_sha()  # the code this process runs, read before anything can change it
+        self.sha = git_sha()  # the code this process runs (read once per process: run.json's start says the same)
         self.facts = facts
 
     def __call__(self, **more) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -16,8 +17,10 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+@functools.cache
 def git_sha() -> str:
-    """The project's commit, with '-dirty' when tracked files differ from it; 'unknown' outside git."""
+    """The project's commit, with '-dirty' when tracked files differ from it; 'unknown' outside git. Read once
+    per process (the code a process runs is the code it imported), so run.json's start and summary.json agree."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
