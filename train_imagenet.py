@@ -124,8 +124,9 @@ def _claim_on_rank0(cfg: DictConfig, config: dict, checkpointer: Checkpointer, l
         for name in ("metrics.jsonl", "diag_batch_stats.jsonl"):  # records after the checkpoint: written again
             truncate_jsonl(run_dir / name, saved.iteration, "iter", epoch=saved.payload["state"]["epoch"])
     checkpointer.remove_partial()
-    # a rerun of a finished run (a sweep over its cells again) trains nothing: its summary.json stays
-    over = saved is not None and not changes and saved.payload["state"]["epoch"] >= cfg.epochs
+    # a rerun of a finished run (a sweep over its cells again) trains nothing, whatever it changes: its
+    # summary.json stays (the same test as TrainLoop.was_over, on the state the loop restores)
+    over = saved is not None and saved.payload["state"]["epoch"] >= cfg.epochs
     if not over:  # a finished run's files stay as its training start wrote them
         rundir.begin(run_dir, config, resuming=saved is not None, composed=cfg)
     for notice in notices:

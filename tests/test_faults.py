@@ -140,6 +140,11 @@ def test_changed_optimizer_settings_are_refused_or_really_applied(tmp_path, data
     summary = json.loads((r / "summary.json").read_text())
     assert summary["lr"] == 0.01 and summary["config_changes"] == [
         {"iter": 4, "key": "optim.lr", "old": 0.05, "new": 0.01}]
+    # a change on a finished run trains nothing: its records stay as the start that trained wrote them
+    before = {name: (r / name).read_bytes() for name in ("summary.json", "run.json", "metrics.jsonl")}
+    out = train([*SHORT, f"run.dir={r}", "optim.lr=0.02", "run.allow_changes=[optim.lr]"], tmp_path, data_root)
+    assert "already finished" in out.stdout
+    assert {name: (r / name).read_bytes() for name in before} == before
 
 
 def test_torn_last_record_is_dropped_and_other_damage_is_named(tmp_path, data_root):
