@@ -7,7 +7,6 @@ belong to. Every cell is one norm x normalization batch, aggregated over seeds (
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import statistics
@@ -484,25 +483,16 @@ def render_table(table: str, records: list[dict], figures: list[str] = (),
     return "\n".join(out) + "\n"
 
 
-def _metric_rows(record: dict) -> tuple[dict, ...]:
-    """The rows of a record's metrics.jsonl (ours or detectron2's JSONWriter); none when it has no file. Read
-    once per version of the file (the figures and the settling section both use them)."""
+def _metric_rows(record: dict):
+    """The rows of a record's metrics.jsonl (ours or detectron2's JSONWriter); none when it has no file."""
     path = Path(record["record_dir"]) / "metrics.jsonl"
     if not path.is_file():
-        return ()
-    stat = path.stat()
-    return _read_metric_rows(path, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=256)
-def _read_metric_rows(path: Path, mtime_ns: int, size: int) -> tuple[dict, ...]:
-    rows = []
+        return
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
-            rows.append(json.loads(line))
+            yield json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}, line {number}: not valid JSON ({err})") from err
-    return tuple(rows)
 
 
 def _curve(record: dict) -> tuple[list[float], list[float]]:
