@@ -8,6 +8,7 @@ Orchestrates; computes nothing itself.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mabn import dist, rundir
-from mabn.config import BatchPlan, ConfigError, validate_detection
+from mabn.config import ConfigError, validate_detection
 from mabn.entry import EXIT_NONFINITE, RunFacts, amp_dtype, config_failure, finish, run_job
+from mabn.norms import NormContext
 from mabn.optim import linear_scaled_lr
 from mabn.preemption import EXIT_PREEMPTED, StopSignals
 from mabn.records import RunRecorder
@@ -64,13 +66,13 @@ def main(cfg: DictConfig) -> int:
     return finish(code)
 
 
-def _spawned_worker(cfg: DictConfig, plan: BatchPlan, job: tuple) -> None:
+def _spawned_worker(cfg: DictConfig, plan: NormContext, job: tuple) -> None:
     code = _worker(cfg, plan, dist.info_from_process_group(cfg.train.device, cfg.train.num_gpus), job)
     if code:
         sys.exit(code)
 
 
-def _worker(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, job: tuple) -> int:
+def _worker(cfg: DictConfig, plan: NormContext, info: dist.DistInfo, job: tuple) -> int:
     """``job``: the experiment's name and the command line's overrides (Hydra's, read by the parent)."""
     return run_job(lambda stops: run(cfg, plan, info, stops, job), Path(cfg.run.dir))
 
@@ -106,7 +108,7 @@ def _claim(cfg: DictConfig, info: dist.DistInfo, overrides: list[str] | None) ->
     return over
 
 
-def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignals, job: tuple = (None, None)
+def run(cfg: DictConfig, plan: NormContext, info: dist.DistInfo, stops: StopSignals, job: tuple = (None, None)
         ) -> int:
     from mabn.d2 import data as d2data
     from mabn.d2 import engine
@@ -118,7 +120,7 @@ def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignal
         return 0
     run_dir, device, data = Path(cfg.run.dir), info.device, cfg.data
     engine.setup(run_dir, info.rank, cfg.seed + info.rank)
-    plan = BatchPlan(plan.norm_batch, plan.device_batch, info.world_size)
+    plan = dataclasses.replace(plan, world_size=info.world_size)
     lr, sched = _scaled_schedule(cfg, plan.sgd_batch)
     schedule = engine.Schedule(**sched)
     train_name, val_name = d2data.register_splits(data, is_main=info.is_main)
@@ -156,7 +158,7 @@ def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignal
     return result.exit_code
 
 
-def _build(cfg: DictConfig, plan: BatchPlan, max_iter: int, lr: float, device: torch.device):
+def _build(cfg: DictConfig, plan: NormContext, max_iter: int, lr: float, device: torch.device):
     """Mask R-CNN with the configured norm (mabn.d2.model) and its optimizer."""
     from mabn.d2.model import build_mask_rcnn
     from mabn.norms import build_norm

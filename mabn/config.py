@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from .data import DataConfigError, dataset_spec
 from .models import registered_models
-from .norms import NormContext, build_norm, norm_variant, registered_norms
+from .norms import NormContext, build_norm, norm_variant
+from .norms.registry import entry
 from .optim import check_settings
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -50,28 +51,6 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names it and what would be valid."""
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    """The three batches the papers distinguish: normalization batch, device batch, SGD batch."""
-
-    norm_batch: int      # n: samples per normalization-layer call
-    device_batch: int    # samples per device per step
-    world_size: int
-
-    @property
-    def sgd_batch(self) -> int:
-        return self.device_batch * self.world_size
-
-    @property
-    def grouped(self) -> bool:
-        return self.norm_batch < self.device_batch
-
-    def norm_context(self, total_iters: int | None = None) -> NormContext:
-        """The runtime facts the norm registry binds into layers."""
-        return NormContext(norm_batch=self.norm_batch, device_batch=self.device_batch,
-                           world_size=self.world_size, total_iters=total_iters)
-
-
 def _positive_int(value, key: str, *, optional: bool = False) -> int | None:
     if optional and value is None:
         return None
@@ -80,42 +59,32 @@ def _positive_int(value, key: str, *, optional: bool = False) -> int | None:
     return value
 
 
-def plan_batches(cfg, world_size: int = 1) -> BatchPlan:
+def plan_batches(cfg, world_size: int = 1, device_type: str | None = None) -> NormContext:
     """``batch=n`` with ``batch_mode`` grouped (groups of n in the device batch data.batch_size) or device
-    (device batch n). Reads a composed config or a checkpoint's saved one."""
+    (device batch n): the run's NormContext. Reads a composed config or a checkpoint's saved one."""
     n = _positive_int(cfg.batch, "batch")
     mode = cfg.batch_mode
     if mode not in BATCH_MODES:
         raise ConfigError(f"batch_mode must be grouped or device, got {mode!r}")
-    if mode == "device":
-        return BatchPlan(n, n, world_size)
-    device_batch = _positive_int(cfg.data.batch_size, "data.batch_size")
-    if n > device_batch:
-        raise ConfigError(f"batch={n} is larger than the device batch data.batch_size={device_batch}; use "
-                          f"data.batch_size={n} or batch_mode=device")
-    if device_batch % n:
-        valid = [d for d in range(1, device_batch + 1) if device_batch % d == 0]
-        raise ConfigError(f"batch={n} does not divide the device batch data.batch_size={device_batch}; valid "
-                          f"normalization batches: {valid}")
-    return BatchPlan(n, device_batch, world_size)
+    device_batch = n if mode == "device" else _positive_int(cfg.data.batch_size, "data.batch_size")
+    try:
+        return NormContext(norm_batch=n, device_batch=device_batch, world_size=world_size, device_type=device_type)
+    except ValueError as err:  # the divisibility rule lives in NormContext; name the config keys here
+        raise ConfigError(f"batch={n}, data.batch_size={device_batch}: {err} (batch_mode=grouped splits the "
+                          f"device batch into groups of n; batch_mode=device trains with device batch n)") from err
 
 
 def _check_norm_name(cfg) -> None:
-    if cfg.norm.name not in registered_norms():
-        raise ConfigError(f"unknown norm {cfg.norm.name!r}; registered norms: {', '.join(registered_norms())}")
-
-
-def _check_norm_and_optim(cfg, plan: BatchPlan, world_size: int, device_type: str) -> None:
-    """Every norm, optimizer and AMP setting, by building the norm recipe (no layer, no data)."""
-    if cfg.norm.name == "syncbn" and plan.grouped:
-        raise ConfigError(f"norm=syncbn normalizes over the global batch (device batch x devices); batch="
-                          f"{plan.norm_batch} in grouped mode would need groups: use batch_mode=device or "
-                          f"batch={plan.device_batch}")
-    if cfg.norm.name == "syncbn" and world_size > 1 and device_type != "cuda":
-        raise ConfigError("norm=syncbn across processes needs CUDA devices (torch's SyncBatchNorm does not "
-                          "synchronise CPU tensors); use norm=bn on CPU")
     try:
-        build_norm(OmegaConf.to_container(cfg.norm, resolve=True), plan.norm_context())
+        entry(cfg.norm.name)
+    except ValueError as err:  # before the batch arithmetic: an unknown name explains more than its batch
+        raise ConfigError(f"norm.name: {err}") from err
+
+
+def _check_norm_and_optim(cfg, plan: NormContext) -> None:
+    """Every norm, optimizer and AMP setting, by building the norm recipe (no layer, no data)."""
+    try:
+        build_norm(OmegaConf.to_container(cfg.norm, resolve=True), plan)
         check_settings("optim", OmegaConf.to_container(cfg.optim, resolve=True))
         if "schedule" in cfg:
             check_settings("schedule", OmegaConf.to_container(cfg.schedule, resolve=True))
@@ -181,23 +150,71 @@ def _check_timm_arch(model_cfg) -> None:
                           f"{', '.join(close) or 'none'} (timm.list_models() lists all)")
 
 
-def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
+PRECISE_WHEN = ("never", "end", "epoch")
+NORM_STATS = ("population", "batch")
+
+
+@dataclass(frozen=True)
+class StatisticsPlan:
+    """How a run's evaluations treat inference statistics (train.precise_bn, train.freeze_norms_from,
+    eval.norm_stats), checked."""
+
+    precise_when: str = "never"
+    precise_batches: tuple = (128,)
+    precise_images: int | None = 10000
+    freeze_from: float | None = None
+    norm_stats: tuple = ("population",)
+
+
+def _as_list(value) -> list:
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def statistics_plan(cfg) -> StatisticsPlan:
+    """train.precise_bn, train.freeze_norms_from and eval.norm_stats (absent in configs saved before them:
+    the defaults, which is what those runs did)."""
+    precise = cfg.train.get("precise_bn") or {}
+    when = precise.get("when", "never")
+    if when not in PRECISE_WHEN:
+        raise ConfigError(f"train.precise_bn.when must be one of {', '.join(PRECISE_WHEN)}, got {when!r}")
+    batches = _as_list(precise.get("batch", 128))
+    if not batches or any(b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1)
+                          for b in batches):
+        raise ConfigError(f"train.precise_bn.batch must be a positive integer (the estimation batch B), null (the "
+                          f"device batch) or a non-empty list of them, got {precise.get('batch')!r}")
+    images = _positive_int(precise.get("images", 10000), "train.precise_bn.images", optional=True)
+    freeze = cfg.train.get("freeze_norms_from")
+    if freeze is not None and (isinstance(freeze, bool) or not isinstance(freeze, (int, float))
+                               or not 0 < freeze < 1):
+        raise ConfigError(f"train.freeze_norms_from must be a fraction of training in (0, 1) or null, got {freeze!r}")
+    stats = _as_list((cfg.get("eval") or {}).get("norm_stats", "population"))
+    if not stats or any(s not in NORM_STATS for s in stats) or len(set(stats)) != len(stats):
+        raise ConfigError(f"eval.norm_stats must be population, batch or a list of both (each once), got "
+                          f"{stats!r}")
+    if freeze is not None and cfg.train.get("cuda_graphs", False):
+        raise ConfigError("train.freeze_norms_from with train.cuda_graphs=true: a captured step keeps the norms' "
+                          "training mode; set one of them off")
+    return StatisticsPlan(when, tuple(batches), images, None if freeze is None else float(freeze), tuple(stats))
+
+
+def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> NormContext:
     """train_imagenet.py's checks of names, batches, hyper-parameters and data; returns the batch plan."""
     if cfg.model.name not in registered_models():
         raise ConfigError(f"unknown model {cfg.model.name!r}; registered: {', '.join(registered_models())}")
     if cfg.model.name == "timm":
         _check_timm_arch(cfg.model)
     _check_norm_name(cfg)  # before the batch arithmetic: an unknown name explains more than its batch
-    plan = plan_batches(cfg, world_size)
-    _check_norm_and_optim(cfg, plan, world_size, device_type)
+    plan = plan_batches(cfg, world_size, device_type)
+    _check_norm_and_optim(cfg, plan)
     _check_cuda_graphs(cfg, world_size, device_type)
     _positive_int(cfg.epochs, "epochs")
     for key in ("ckpt_every_iters", "log_every", "keep_last"):
         _positive_int(cfg.train[key], f"train.{key}")
     for key in ("max_iters_per_epoch", "eval_max_batches", "stop_after_iters"):  # 0 would silently mean 1 or none
         _positive_int(cfg.train[key], f"train.{key}", optional=True)
-    if not isinstance(cfg.train.precise_bn_batches, int) or cfg.train.precise_bn_batches < 0:
-        raise ConfigError(f"train.precise_bn_batches must be an integer >= 0, got {cfg.train.precise_bn_batches!r}")
+    statistics_plan(cfg)
     _positive_int(cfg.diag.every, "diag.every")
     _check_data(cfg, "classification")
     return plan
@@ -206,7 +223,7 @@ def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
 DETECTION_MODELS = ("mask_rcnn_r50_fpn",)
 
 
-def validate_detection(cfg, world_size: int = 1, device_type: str = "cpu") -> BatchPlan:
+def validate_detection(cfg, world_size: int = 1, device_type: str = "cpu") -> NormContext:
     """train_coco.py's checks: the same norm/batch rules, detection model and data, a consistent schedule.
     What the data files determine (coco_json: ``data.num_classes``, ``data.mask_format``) is filled in."""
     if cfg.model.name not in DETECTION_MODELS:
@@ -215,8 +232,8 @@ def validate_detection(cfg, world_size: int = 1, device_type: str = "cpu") -> Ba
         raise ConfigError(f"detection trains with batch_mode=device (batch=n images per device), got "
                           f"batch_mode={cfg.batch_mode!r}")
     _check_norm_name(cfg)
-    plan = plan_batches(cfg, world_size)
-    _check_norm_and_optim(cfg, plan, world_size, device_type)
+    plan = plan_batches(cfg, world_size, device_type)
+    _check_norm_and_optim(cfg, plan)
     solver = cfg.solver
     max_iter = _positive_int(solver.max_iter, "solver.max_iter")
     steps = list(solver.steps)

@@ -22,10 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .checkpoint import read as read_checkpoint
-from .config import BatchPlan, plan_batches
+from .config import plan_batches
 from .data import dataset_spec
 from .models import build_model
-from .norms import MABN2d, batch_dependent_types, build_norm, norm_types
+from .norms import NormContext, batch_dependent_types, build_norm, norm_types, protocol
 from .precise_bn import recompute_norm_stats
 
 
@@ -48,21 +48,24 @@ def estimation_shift(model: nn.Module, batches, device: torch.device) -> list[di
     for depth, (name, old) in enumerate(norms):
         if not isinstance(old, batch_dependent_types()):
             continue
-        new = recomputed.get_submodule(name)
+        before, after = protocol.population(old), protocol.population(recomputed.get_submodule(name))
+        if not before:
+            continue
         eps = getattr(old, "eps", 1e-5)
-        v_old, v_new = old.running_var.double(), new.running_var.double()
+        key = "var" if "var" in before else "second_moment"  # MABN's statistic stands where BN's variance does
+        v_old, v_new = before[key].double(), after[key].double()
         row = {"depth": depth, "layer": name, "type": type(old).__name__, "channels": v_old.numel(),
                "var_l2": float((v_old - v_new).norm()),
                "var_rel": float(((v_old + eps) / (v_new + eps)).log().abs().mean())}
-        if not isinstance(old, MABN2d):
-            m_old, m_new = old.running_mean.double(), new.running_mean.double()
+        if "mean" in before:
+            m_old, m_new = before["mean"].double(), after["mean"].double()
             row["mean_l2"] = float((m_old - m_new).norm())
             row["mean_rel"] = float(((m_old - m_new).abs() / (v_new + eps).sqrt()).mean())
         rows.append(row)
     return rows
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, DictConfig, BatchPlan]:
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, DictConfig, NormContext]:
     """Rebuild a train_imagenet.py model from its checkpoint (the resolved config is saved in it), with the
     run's batch plan (device batch, normalization batch)."""
     saved = read_checkpoint(path)
@@ -127,7 +130,7 @@ class BatchStatsTracer:
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, batch_dependent_types())]
         self._depth = {n: i for i, (n, _) in enumerate(layers)}
         self._used_sums: dict[str, dict[str, torch.Tensor | int]] = {}
-        self._mabn = [m for _, m in layers if isinstance(m, MABN2d)]
+        self._mabn = [m for _, m in layers if protocol.reports_used_statistics(m)]
         self._handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in layers]
 
     def arm(self, active: bool, iteration: int) -> None:
@@ -199,9 +202,10 @@ class BatchStatsTracer:
             sums[k] += stats[k].sum(dim=0)
         self._counts[name] = self._counts.get(name, 0) + stats["mu"].shape[0]
         mean = {k: sums[k] / self._counts[name] for k in STATS}
-        has_running = getattr(module, "running_mean", None) is not None
-        ref_mu = module.running_mean.double() if has_running else mean["mu"]
-        ref_var = module.running_var.double() if has_running else mean["var"]
+        running = protocol.population(module)
+        has_running = "mean" in running
+        ref_mu = running["mean"].double() if has_running else mean["mu"]
+        ref_var = running["var"].double() if has_running else mean["var"]
         rms = stats["rms"].clamp_min(1e-30)
         record = {"iter": self.iteration, "layer": name, "depth": self._depth[name], "type": type(module).__name__,
                   "n": x.shape[0] // stats["mu"].shape[0], "groups": stats["mu"].shape[0],

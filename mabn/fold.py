@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .norms import FrozenBatchNorm2d, MABN2d, conv_norm_pairs, foldable_types, norm_types
+from .norms import conv_norm_pairs, foldable_types, norm_types, protocol
 from .norms.centering import bake_weight_centering, unparametrize_weight
 
 logger = logging.getLogger(__name__)
@@ -25,18 +25,11 @@ class FoldReport:
 
 
 def eval_scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor]:
-    """The per-channel (scale, shift) that a foldable norm applies in eval mode."""
-    if isinstance(norm, (MABN2d, FrozenBatchNorm2d)):
-        return norm.eval_scale_shift() if isinstance(norm, MABN2d) else norm.scale_shift()
-    if getattr(norm, "running_var", None) is None:
+    """The per-channel (scale, shift) that a foldable norm applies in eval mode (``protocol.eval_affine``)."""
+    found = protocol.eval_affine(norm)
+    if found is None:
         raise ValueError(f"{type(norm).__name__} has no running statistics to fold")
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    if getattr(norm, "weight", None) is not None:
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    if getattr(norm, "bias", None) is not None:
-        shift = shift + norm.bias
-    return scale, shift
+    return found
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:

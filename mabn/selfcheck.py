@@ -20,6 +20,7 @@ from torch import nn
 from .data import FashionMNIST
 from .fold import fold_norms
 from .norms import NormContext, batch_dependent_types, build_norm, registered_norms
+from .norms.registry import entry
 
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 
@@ -76,8 +77,8 @@ def main(argv=None) -> int:
     failed = []
     for name in registered_norms():
         start = time.perf_counter()
-        ctx = NormContext(device_batch=device_batch) if name == "syncbn" else \
-            NormContext(norm_batch=n, device_batch=device_batch)
+        groupable = entry(name).groupable  # syncbn normalizes whole batches only
+        ctx = NormContext(norm_batch=n if groupable else None, device_batch=device_batch)
         recipe = build_norm(name, ctx)
         model = small_net(recipe.ctor)
         recipe.prepare(model)

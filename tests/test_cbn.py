@@ -156,7 +156,7 @@ def test_without_autograd_it_is_plain_bn_and_leaves_the_rings():
 def test_cbn_resnet_trains_and_folds():
     recipe = build_norm({"name": "cbn", "burnin_iters": 1}, NormContext(norm_batch=2, device_batch=4))
     model = build_model("resnet18", recipe, num_classes=4)
-    assert recipe.weight_centering and len(center_conv_weights(model)) == 20
+    assert recipe.pairs_convs and len(center_conv_weights(model)) == 20
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     model.train()
     for _ in range(3):
@@ -226,8 +226,8 @@ def test_something_between_conv_and_norm_takes_the_autograd_path():
         doubled.weight.mul_(2)
     a_norm = CrossIterationBatchNorm2d(3, window=3).double()
     b_norm = CrossIterationBatchNorm2d(3, window=3).double()
-    a_norm.pair_feeding_conv(conv)
-    b_norm.pair_feeding_conv(doubled)
+    a_norm.pair_conv(conv)
+    b_norm.pair_conv(doubled)
     gen = torch.Generator().manual_seed(7)
     for step in range(4):
         inp = torch.randn(3, 2, 5, 5, generator=gen, dtype=torch.float64) + step

@@ -54,8 +54,8 @@ def test_batch_is_a_plain_key_and_device_mode(data_root):
     cfg = compose_cfg("batch=2", "batch_mode=device", "data=fmnist", f"data.root={data_root}")
     plan = validate(cfg)
     assert (plan.norm_batch, plan.device_batch, plan.sgd_batch) == (2, 2, 2)
-    with pytest.raises(ConfigError, match=r"batch=3 does not divide the device batch data.batch_size=32; valid "
-                                          r"normalization batches: \[1, 2, 4, 8, 16, 32\]"):
+    with pytest.raises(ConfigError, match=r"batch=3, data.batch_size=32: normalization batch 3 does not divide "
+                                          r"the device batch 32; valid normalization batches: \[1, 2, 4, 8, 16, 32\]"):
         validate(compose_cfg("batch=3", "data=fmnist", f"data.root={data_root}"))
 
 

@@ -58,14 +58,18 @@ def test_estimation_shift_script_on_a_training_checkpoint(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "estimation_shift.py"), "nope.pt"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no such checkpoint: nope.pt" in bad.stderr
-    # PreciseBN after training, on the same checkpoint: both evaluations, the count of images used
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "precise_bn.py"), str(ckpt), "--batches", "2",
-                          "--out", str(tmp_path / "precise.json")], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    # PreciseBN after training, on the same checkpoint: every evaluation recorded in the run's summary.json
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "precise_bn.py"), str(ckpt), "--batch", "n", "N",
+                          "--images", "16", "--batch-stats", "--record", "--out", str(tmp_path / "precise.json")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    precise = json.loads((tmp_path / "precise.json").read_text())
-    assert precise["recompute_batches"] == 2 and precise["recompute_images"] == 16
-    assert precise["running"]["count"] == precise["recomputed"]["count"] == 32
+    summary = json.loads(ckpt.parent.parent.joinpath("summary.json").read_text())
+    kinds = sorted((r["stats"], r.get("batch"), r.get("images")) for r in summary["evals"]
+                   if r.get("command", "").startswith("scripts/precise_bn.py"))
+    assert kinds == [("batch", 2, None), ("ema", None, None), ("precise", 2, 16), ("precise", 16, 16)]
+    recorded = [r for r in summary["evals"] if r.get("command", "").startswith("scripts/precise_bn.py")]
+    assert len({r["count"] for r in recorded}) == 1 and all(r["git_sha"] for r in recorded)
+    assert json.loads((tmp_path / "precise.json").read_text())["evals"] == recorded
 
 
 def _tiny(norm):

@@ -18,7 +18,7 @@ def _trained_resnet(name):
     ctx = NormContext(device_batch=4) if name == "syncbn" else NormContext(norm_batch=2, device_batch=4)
     recipe = build_norm(name, ctx)
     model = torchvision.models.resnet18(norm_layer=recipe.ctor, num_classes=10)
-    if recipe.weight_centering:
+    if recipe.pairs_convs:
         center_conv_weights(model)
     if name == "frozenbn":  # give the frozen statistics something to fold
         for m in model.modules():

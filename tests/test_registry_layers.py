@@ -142,21 +142,22 @@ def test_bad_value_fails_at_build_time():
 def test_mabn_recipe_follows_paper_defaults():
     recipe = build_norm("mabn", NormContext(norm_batch=2, device_batch=32))
     layer = recipe.ctor(16)
-    assert isinstance(layer, MABN2d) and recipe.weight_centering and recipe.batch_dependent
+    assert isinstance(layer, MABN2d) and recipe.pairs_convs and recipe.batch_dependent
     assert layer.window == 16 and layer.group_size == 2  # m = simulated batch 32 / n
     # iterations -> normalization batches (16 groups per step)
     assert layer.warmup_iters == 100 * 16 and layer.renorm_iters == 1000 * 16
     assert build_norm("mabn", NormContext(norm_batch=8, device_batch=32)).ctor(4).window == 4
     assert build_norm({"name": "mabn", "window": 3}, CTX).ctor(4).window == 3
-    assert not build_norm({"name": "mabn", "weight_centering": False}).weight_centering
+    assert not build_norm({"name": "mabn", "weight_centering": False}).pairs_convs
 
 
 def test_group_size_from_context():
     assert build_norm("bn", NormContext(norm_batch=32, device_batch=32)).ctor(4).group_size is None
     assert build_norm("bn", NormContext(norm_batch=4, device_batch=32)).ctor(4).group_size == 4
     assert isinstance(build_norm("bn", CTX).ctor(4), BatchNorm2d)
-    with pytest.raises(ValueError, match="normalization batch 3 must divide the device batch 32"):
-        build_norm("bn", NormContext(norm_batch=3, device_batch=32))
+    with pytest.raises(ValueError, match=r"normalization batch 3 does not divide the device batch 32; valid .*"
+                                         r"\[1, 2, 4, 8, 16, 32\]"):
+        NormContext(norm_batch=3, device_batch=32)
     with pytest.raises(ValueError, match="syncbn normalizes over the global batch"):
         build_norm("syncbn", CTX)
 

@@ -205,7 +205,7 @@ def test_activation_positions_survive_a_state_dict_round_trip():
 def test_gnws_pairs_every_conv_bakes_and_folds_as_kept():
     recipe = build_norm("gnws")
     model = build_model("resnet18", recipe, num_classes=3)
-    assert recipe.weight_centering
+    assert recipe.pairs_convs
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert len(center_conv_weights(model)) == len(convs) == 20
     for conv in convs:

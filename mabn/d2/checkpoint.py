@@ -17,7 +17,7 @@ from torch import nn
 
 from mabn.checkpoint import CheckpointError
 from mabn.checkpoint import read as read_checkpoint
-from mabn.norms import BatchRenorm2d, MABN2d
+from mabn.norms import batch_dependent_types, protocol
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +107,13 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
         DetectionCheckpointer(model).load(str(path))
     else:
         mapped = torchvision_to_d2(read_imagenet_state(path))
-        # rings hold statistics of ImageNet crops and are cleared below anyway (the window may differ too)
-        mapped = {k: v for k, v in mapped.items() if not k.endswith(AVERAGES)}
-        own = {k for k in model.state_dict() if k.startswith(BACKBONE_PREFIX)}
-        own = {k for k in own if not k.endswith(AVERAGES)}
-        unexpected = sorted(k for k in set(mapped) - own if not k.endswith(".num_batches_tracked"))
-        missing = sorted(k for k in own - set(mapped) if not k.endswith(".num_batches_tracked"))
+        # a norm's history (rings, counters) is restarted below anyway, and its shape may differ (the window):
+        # only parameters and population statistics are loaded
+        history = restartable_keys(model)
+        mapped = {k: v for k, v in mapped.items() if k not in history}
+        own = {k for k in model.state_dict() if k.startswith(BACKBONE_PREFIX) and k not in history}
+        unexpected = sorted(k for k in set(mapped) - own if not _is_history(k))
+        missing = sorted(k for k in own - set(mapped) if not _is_history(k))
         if unexpected or missing:
             raise ValueError(
                 f"{path} does not fit this backbone (was it trained with another norm or without weight "
@@ -121,25 +122,35 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
         model.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
     restarted = restart_norm_state(model.backbone.bottom_up)
     logger.info("loaded ImageNet weights from %s into the backbone%s", path,
-                f"; restarted warm-up of {restarted} MABN/BRN layers" if restarted else "")
+                f"; restarted warm-up of {restarted} batch-dependent norm layers" if restarted else "")
 
 
-AVERAGES = (".ring_x2", ".ring_gz", ".ema_x2", ".ema_gz")  # MABN's moving-average history (SMA or EMA)
+def _is_history(key: str) -> bool:
+    """A checkpoint's counters: the file's may be from a layer of another kind (e.g. torchvision's BN)."""
+    return key.endswith(".num_batches_tracked")
+
+
+def restartable_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the batch-dependent norms' history: every buffer that is neither a population
+    statistic nor an affine parameter (MABN's rings, CBN's rings and window, counters)."""
+    keys = set()
+    for name, m in model.named_modules():
+        if isinstance(m, batch_dependent_types()):
+            kept = {id(t) for t in protocol.population(m).values()}
+            keys.update(f"{name}.{b}" for b, t in m.named_buffers(recurse=False) if id(t) not in kept)
+    return keys
 
 
 @torch.no_grad()
 def restart_norm_state(module: nn.Module) -> int:
-    """Counters of MABN2d/BatchRenorm2d to 0 and MABN's moving averages cleared; running statistics kept.
+    """Every batch-dependent norm restarted (``protocol.restart``): counters to 0, moving averages and windows
+    cleared; population statistics and affine kept.
 
     On purpose: fine-tuning sees other inputs (detection images, not ImageNet crops) and another SGD batch,
-    so the moving averages and the renorm/BRN schedules start over as in a fresh run, from the ImageNet
-    running statistics. Returns how many layers were restarted.
+    so the moving averages, CBN's window and burn-in and the renorm/BRN schedules start over as in a fresh
+    run, from the ImageNet running statistics. Returns how many layers were restarted.
     """
-    count = 0
-    for m in module.modules():
-        if isinstance(m, (MABN2d, BatchRenorm2d)):
-            m.num_batches_tracked.zero_()
-            if isinstance(m, MABN2d):
-                m.reset_averages()
-            count += 1
-    return count
+    layers = [m for m in module.modules() if isinstance(m, batch_dependent_types())]
+    for m in layers:
+        protocol.restart(m)
+    return len(layers)

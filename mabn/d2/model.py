@@ -24,7 +24,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, FPN, ROI_BOX_HEAD_REGISTRY, R
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
-from mabn.norms import NormRecipe, center_conv_weights
+from mabn.norms import NormRecipe
 
 from .activations import NormActConvFCHead, NormActMaskHead, NormActStem, block_class, without_activation
 from .checkpoint import load_backbone_weights
@@ -96,12 +96,10 @@ def build_mask_rcnn(recipe: NormRecipe, *, weights: str | None = None, **options
     """
     from detectron2.config import instantiate
 
-    if recipe.name == "frozenbn":
+    if recipe.frozen:
         options = {**options, "norm_fpn": False, "norm_heads": False}
     model = instantiate(mask_rcnn_lazy_config(recipe.ctor, **options))
-    if recipe.weight_centering:
-        centered = center_conv_weights(model)
-        logger.info("weight centering on %d convs feeding %s", len(centered), recipe.name)
+    recipe.prepare(model)  # the convs feeding the norms paired (MABN: weight centering)
     if weights:
         load_backbone_weights(model, weights)
     frozen = freeze_frozen_blocks(model)
@@ -111,9 +109,10 @@ def build_mask_rcnn(recipe: NormRecipe, *, weights: str | None = None, **options
 
 
 def _center(module: nn.Module, *recipes: NormRecipe | None) -> nn.Module:
-    """Weight-center the convs feeding MABN when a recipe asks for it, as ``build_mask_rcnn`` does."""
-    if any(recipe is not None and recipe.weight_centering for recipe in recipes):
-        center_conv_weights(module)
+    """Pair the convs with the norms they feed when a recipe asks for it, as ``build_mask_rcnn`` does."""
+    for recipe in recipes:
+        if recipe is not None:
+            recipe.prepare(module)
     return module
 
 

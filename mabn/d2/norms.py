@@ -21,22 +21,21 @@ from mabn.norms import (
     NormRecipe,
     batch_dependent_types,
     build_norm,
-    registered_norms,
+    canonical_name,
 )
 
-# detectron2 spells norms in upper case; these two are not in its table, so they can mean the project's layers
-UPPER_CASE_NAMES = {"MABN": "mabn", "BRN": "brn"}
+# detectron2's own names (layers/batch_norm.py: get_norm's table) keep detectron2's meaning; any other
+# registered name, in any case ("MABN", "mabn", "BRN"), is the project's layer
+DETECTRON2_NAMES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 
 _active: list[tuple[NormContext, Mapping[str, Mapping[str, Any]]]] = []
 
 
 def project_norm_name(norm: Any) -> str | None:
     """The registry name a detectron2 ``norm`` value selects, or None when it is detectron2's own."""
-    if not isinstance(norm, str):
+    if not isinstance(norm, str) or norm in DETECTRON2_NAMES:
         return None
-    if norm in registered_norms():
-        return norm
-    return UPPER_CASE_NAMES.get(norm)
+    return canonical_name(norm)
 
 
 def recipe_for(name: str) -> NormRecipe:

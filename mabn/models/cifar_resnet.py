@@ -8,7 +8,12 @@ from torch import Tensor, nn
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-norm-relu-conv3x3-norm + shortcut (1x1 conv + norm when the shape changes)."""
+    """conv3x3-norm-act-conv3x3-norm + shortcut (1x1 conv + norm when the shape changes), ReLU after the add.
+
+    ``act1`` is a ReLU, or Identity after a norm that carries its activation (``mabn.norms.activations``)."""
+
+    act_positions = ("bn1",)  # norms followed by act1
+    tail_norms = ("bn2", "downsample.1")  # norms with no activation after them
 
     def __init__(self, cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module]):
         super().__init__()
@@ -16,13 +21,14 @@ class BasicBlock(nn.Module):
         self.bn1 = norm(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = norm(cout)
+        self.act1 = nn.ReLU(inplace=True)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -17,9 +19,13 @@ from ._common import (
     sequential_ema,
     stat_dtype,
 )
+from ._table import register_norm
+from ._weights import CenteredWeight, parametrize_weight
+from .protocol import NormLayer, centered_batch_forward, frozen_map, running_affine
+from .registry import NormContext, NormRecipe
 
 
-class BatchNorm2d(nn.BatchNorm2d):
+class BatchNorm2d(NormLayer, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose statistics come from groups of ``group_size`` samples of the device batch.
 
     One call on G·n samples equals G consecutive calls on the slices of n samples (same outputs, gradients
@@ -28,11 +34,22 @@ class BatchNorm2d(nn.BatchNorm2d):
     the fused Triton path (affine layers with running statistics) or the PyTorch one, as in ``MABN2d``.
     """
 
+    statistic = "mean_var"
+
     def __init__(self, num_features: int, *, group_size: int | None = None, eps: float = 1e-5,
-                 momentum: float = 0.1, affine: bool = True, impl: str = "auto"):
-        super().__init__(num_features, eps=eps, momentum=check_momentum(momentum), affine=affine)
+                 momentum: float = 0.1, affine: bool = True, impl: str = "auto", device=None, dtype=None):
+        super().__init__(num_features, eps=eps, momentum=check_momentum(momentum), affine=affine, device=device,
+                         dtype=dtype)
         self.impl = _fused.check_impl(impl)
         self.group_size = check_group_size(group_size)
+
+    def eval_affine(self) -> tuple[Tensor, Tensor] | None:
+        if self.running_var is None:
+            return None
+        return running_affine(self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+    def batch_statistics_forward(self, x: Tensor) -> Tensor:
+        return centered_batch_forward(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
@@ -64,7 +81,7 @@ class BatchNorm2d(nn.BatchNorm2d):
                 raise ValueError("BatchNorm2d(impl='fused') needs affine=True and track_running_stats=True")
             return False
         tensors = [self.weight, self.bias, self.running_mean, self.running_var]
-        return _fused.use_fused(self.impl, x, tensors, type(self).__name__)
+        return _fused.use_fused(self.impl, x, tensors, type(self).__name__, module=self)
 
     def _grouped_forward(self, x: Tensor, groups: int, n: int) -> Tensor:
         # Each group of n consecutive samples is normalized by its own statistics in one call (closed-form
@@ -90,18 +107,24 @@ class CenteredConvBatchNorm2d(BatchNorm2d):
     minus its mean): ``norm=bn norm.weight_centering=true``, the ablation that tells how much of MABN's edge
     over BN is the centering. Same state dict and folding as BatchNorm2d (the centering is baked first)."""
 
-    def feeding_conv_parametrization(self) -> nn.Module:
-        from .centering import CenteredWeight
-
-        return CenteredWeight()
+    def pair_conv(self, conv: nn.Module) -> bool:
+        return parametrize_weight(conv, CenteredWeight())
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(NormLayer, nn.SyncBatchNorm):
     """torch's SyncBatchNorm (the synchronised baseline); an unsynchronised empty batch leaves state untouched.
 
     Inside a process group an empty local batch still joins the collective (other ranks wait on it), so
     there it defers to torch.
     """
+
+    statistic = "mean_var"
+
+    def eval_affine(self) -> tuple[Tensor, Tensor] | None:
+        return running_affine(self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+    def batch_statistics_forward(self, x: Tensor) -> Tensor:
+        return centered_batch_forward(x, self.weight, self.bias, self.eps)
 
     def forward(self, x: Tensor) -> Tensor:
         syncing = self.training and dist.is_available() and dist.is_initialized()
@@ -110,20 +133,23 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         return super().forward(x)
 
 
-class FrozenBatchNorm2d(nn.Module):
+class FrozenBatchNorm2d(NormLayer, nn.Module):
     """BatchNorm with fixed statistics and affine (buffers, not parameters): y = x·scale + shift.
 
     Loads ``nn.BatchNorm2d`` state dicts (``num_batches_tracked`` is ignored).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5):
+    statistic = "mean_var"
+
+    def __init__(self, num_features: int, eps: float = 1e-5, *, device=None, dtype=None):
         super().__init__()
         self.num_features = num_features
         self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -132,29 +158,55 @@ class FrozenBatchNorm2d(nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def scale_shift(self) -> tuple[Tensor, Tensor]:
-        """The per-channel affine map this layer applies."""
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        return scale, self.bias - self.running_mean * scale
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        """The per-channel affine map this layer applies (in every mode)."""
+        return running_affine(self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+    def batch_statistics_forward(self, x: Tensor) -> Tensor:
+        return self(x)  # frozen: no batch statistic
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, type(self).__name__)
-        scale, shift = self.scale_shift()
+        scale, shift = self.eval_affine()
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm2d:
-        """A frozen copy of a BatchNorm-like layer's current eval-mode statistics and affine.
-
-        A layer without ``running_mean`` (MABN2d: eval is γ·x/√(v+ε) + β, nothing centered) gets mean 0.
-        """
-        frozen = cls(bn.num_features, eps=bn.eps)
+    def from_batchnorm(cls, norm: nn.Module) -> FrozenBatchNorm2d:
+        """A frozen copy of any registered norm's current eval-mode map that keeps a population statistic
+        (``protocol.frozen_map``; MABN2d, whose eval centers nothing, gets mean 0)."""
+        weight, bias, mean, var = frozen_map(norm)
+        frozen = cls(var.numel(), eps=norm.eps, device=var.device)
         with torch.no_grad():
-            if getattr(bn, "weight", None) is not None:
-                frozen.weight.copy_(bn.weight)
-                frozen.bias.copy_(bn.bias)
-            if getattr(bn, "running_mean", None) is not None:
-                frozen.running_mean.copy_(bn.running_mean)
-            frozen.running_var.copy_(bn.running_var)
-        return frozen.to(bn.running_var.device)
+            frozen.weight.copy_(weight)
+            frozen.bias.copy_(bias)
+            if mean is not None:
+                frozen.running_mean.copy_(mean)
+            frozen.running_var.copy_(var)
+        return frozen
+
+
+@register_norm("bn", types=(BatchNorm2d, nn.BatchNorm2d),
+               defaults={"eps": 1e-5, "momentum": 0.1, "impl": "auto", "weight_centering": False},
+               batch_dependent=True, foldable=True, switches=("weight_centering",))
+def _build_bn(p: dict, ctx: NormContext) -> NormRecipe:
+    # weight_centering: MABN's centered filters in the convs feeding BN (an ablation of MABN's parts)
+    cls = CenteredConvBatchNorm2d if p["weight_centering"] else BatchNorm2d
+    ctor = functools.partial(cls, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"], impl=p["impl"])
+    return NormRecipe("bn", ctor, pairs_convs=bool(p["weight_centering"]), params=p)
+
+
+@register_norm("syncbn", types=(nn.SyncBatchNorm,), defaults={"eps": 1e-5, "momentum": 0.1},
+               batch_dependent=True, foldable=True, groupable=False)
+def _build_syncbn(p: dict, ctx: NormContext) -> NormRecipe:
+    # SyncBN normalizes over the whole global batch (device batch x world size); it has no group_size.
+    if ctx.world_size > 1 and ctx.device_type not in (None, "cuda"):
+        raise ValueError(f"syncbn across {ctx.world_size} processes needs CUDA devices (torch's SyncBatchNorm "
+                         f"does not synchronise {ctx.device_type} tensors); use bn on {ctx.device_type}")
+    return NormRecipe("syncbn", functools.partial(SyncBatchNorm, eps=p["eps"], momentum=p["momentum"]), params=p)
+
+
+@register_norm("frozenbn", types=(FrozenBatchNorm2d,), defaults={"eps": 1e-5}, batch_dependent=False,
+               foldable=True)
+def _build_frozenbn(p: dict, ctx: NormContext) -> NormRecipe:
+    return NormRecipe("frozenbn", functools.partial(FrozenBatchNorm2d, eps=p["eps"]), params=p)

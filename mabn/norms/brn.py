@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +19,9 @@ from ._common import (
     sequential_ema,
     stat_dtype,
 )
+from ._table import register_norm
+from .protocol import NormLayer, centered_batch_forward, running_affine
+from .registry import NormContext, NormRecipe
 
 
 def clip_limits(t: Tensor, r_max: float, d_max: float, warmup_iters: int, r_max_iters: int,
@@ -70,7 +75,7 @@ def _(mean_b, var_b, *args):
     return torch.empty_like(mean_b), torch.empty_like(mean_b)
 
 
-class BatchRenorm2d(nn.Module):
+class BatchRenorm2d(NormLayer, nn.Module):
     """Batch Renormalization: x̂ = (x − μ_B)/σ_B · r + d with r, d constants in backward (Ioffe 2017, Alg. 1).
 
     r = clip(σ_B/σ, 1/r_max, r_max), d = clip((μ_B − μ)/σ, −d_max, d_max), σ = √(running_var + ε),
@@ -81,9 +86,12 @@ class BatchRenorm2d(nn.Module):
     ``impl`` picks the fused Triton path or the PyTorch reference, as in ``MABN2d``.
     """
 
+    statistic = "mean_var"
+
     def __init__(self, num_features: int, *, group_size: int | None = None, eps: float = 1e-5,
                  momentum: float = 0.1, r_max: float = 3.0, d_max: float = 5.0, warmup_iters: int = 5000,
-                 r_max_iters: int = 40000, d_max_iters: int = 25000, impl: str = "auto"):
+                 r_max_iters: int = 40000, d_max_iters: int = 25000, impl: str = "auto", device=None,
+                 dtype=None):
         super().__init__()
         self.impl = _fused.check_impl(impl)
         self.num_features = num_features
@@ -100,16 +108,23 @@ class BatchRenorm2d(nn.Module):
             if end < warmup_iters:
                 raise ValueError(f"{name}={end} must be >= warmup_iters={warmup_iters} (ramps end after warm-up)")
         self.r_max_iters, self.d_max_iters = int(r_max_iters), int(d_max_iters)
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, group_size={self.group_size}, "
                 f"r_max={self.r_max}, d_max={self.d_max}, warmup_iters={self.warmup_iters}, "
                 f"r_max_iters={self.r_max_iters}, d_max_iters={self.d_max_iters}")
+
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        return running_affine(self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+    def batch_statistics_forward(self, x: Tensor) -> Tensor:
+        return centered_batch_forward(x, self.weight, self.bias, self.eps)  # r = 1, d = 0
 
     def clip_limits(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(r_max, d_max) in force at normalization batch t (a tensor: no host sync)."""
@@ -122,8 +137,7 @@ class BatchRenorm2d(nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         dt = stat_dtype(x)
         if not self.training:
-            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-            shift = self.bias - self.running_mean * scale
+            scale, shift = self.eval_affine()
             return (x.to(dt) * scale.view(shape).to(dt) + shift.view(shape).to(dt)).to(x.dtype)
         groups, n = num_groups(x.shape[0], self.group_size)
         count = n * x[0, 0].numel()
@@ -132,7 +146,7 @@ class BatchRenorm2d(nn.Module):
                              f"got a group of {n} sample(s) of spatial size {tuple(x.shape[2:])}")
 
         tensors = [self.weight, self.bias, self.running_mean, self.running_var]
-        if _fused.use_fused(self.impl, x, tensors, type(self).__name__):
+        if _fused.use_fused(self.impl, x, tensors, type(self).__name__, module=self):
             sched = (self.r_max, self.d_max, self.warmup_iters, self.r_max_iters, self.d_max_iters)
             return _fused.FusedCentered.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
                                              self.num_batches_tracked, groups, self.eps, self.momentum, sched)
@@ -145,3 +159,22 @@ class BatchRenorm2d(nn.Module):
                          self.momentum, self.eps, *limits)
 
         return centered_norm(x, self.weight, self.bias, groups, self.eps, renorm)[0]
+
+
+@register_norm("brn", types=(BatchRenorm2d,),
+               defaults={"eps": 1e-5, "momentum": 0.1, "r_max": 3.0, "d_max": 5.0, "warmup_iters": 5000,
+                         "r_max_iters": 40000, "d_max_iters": 25000, "schedule_ref_iters": None,
+                         "impl": "auto"},
+               batch_dependent=True, foldable=True)
+def _build_brn(p: dict, ctx: NormContext) -> NormRecipe:
+    # Schedule lengths are given in training iterations (as in Ioffe 2017); with schedule_ref_iters set they
+    # are scaled by total_iters / schedule_ref_iters ("scale these with run length").
+    scale = 1.0
+    if p["schedule_ref_iters"] is not None and ctx.total_iters is not None:
+        scale = ctx.total_iters / p["schedule_ref_iters"]
+    ctor = functools.partial(
+        BatchRenorm2d, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"], r_max=p["r_max"],
+        d_max=p["d_max"], warmup_iters=ctx.iters(p["warmup_iters"], scale),
+        r_max_iters=ctx.iters(p["r_max_iters"], scale), d_max_iters=ctx.iters(p["d_max_iters"], scale),
+        impl=p["impl"])
+    return NormRecipe("brn", ctor, params=p)

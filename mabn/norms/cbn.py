@@ -21,6 +21,8 @@ window slot holds W and two derivatives of W's size: 3(k−1) copies of the conv
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -34,15 +36,25 @@ from ._common import (
     num_groups,
     stat_dtype,
 )
+from ._table import register_norm
+from .protocol import NormLayer, centered_batch_forward, running_affine
+from .registry import NormContext, NormRecipe
 
 RINGS = ("ring_mu", "ring_nu", "ring_dmu", "ring_dnu", "ring_w")
 
 
-class CrossIterationBatchNorm2d(nn.Module):
-    """CBN over groups of ``group_size`` samples (one call on G·n samples == G consecutive calls on n)."""
+class CrossIterationBatchNorm2d(NormLayer, nn.Module):
+    """CBN over groups of ``group_size`` samples (one call on G·n samples == G consecutive calls on n).
+
+    Population statistic: BN's running mean and variance of each batch's own statistics (what eval uses, as
+    in the official code); PreciseBN recomputes them as the moments of the layer's input.
+    """
+
+    statistic = "mean_var"
 
     def __init__(self, num_features: int, *, window: int = 4, burnin_iters: int = 0,
-                 group_size: int | None = None, eps: float = 1e-5, momentum: float = 0.1):
+                 group_size: int | None = None, eps: float = 1e-5, momentum: float = 0.1, device=None,
+                 dtype=None):
         super().__init__()
         self.num_features = num_features
         self.window = int(check_positive("window", window, integer=True))
@@ -50,22 +62,39 @@ class CrossIterationBatchNorm2d(nn.Module):
         self.group_size = check_group_size(group_size)
         self.eps = float(check_positive("eps", eps, allow_zero=True))
         self.momentum = check_momentum(momentum)
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
         # the k−1 previous batches: statistics, their derivatives w.r.t. W and W itself (sized at pairing)
-        self.register_buffer("ring_valid", torch.zeros(self.window - 1))
+        self.register_buffer("ring_valid", torch.zeros(self.window - 1, **factory))
         for name in RINGS:
-            self.register_buffer(name, torch.zeros(0))
+            self.register_buffer(name, torch.zeros(0, **factory))
         self.__dict__["_conv"] = None  # a reference, not a submodule: the conv stays where the model has it
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, window={self.window}, burnin_iters={self.burnin_iters}, "
                 f"group_size={self.group_size}, eps={self.eps}, momentum={self.momentum}")
 
-    def pair_feeding_conv(self, conv: nn.Conv2d) -> None:
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        return running_affine(self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Counter to 0 (burn-in starts over) and the window emptied: no batch of before compensates."""
+        self.num_batches_tracked.zero_()
+        self.ring_valid.zero_()
+        for name in RINGS:
+            getattr(self, name).zero_()
+
+    def batch_statistics_forward(self, x: Tensor) -> Tensor:
+        """Each group by its own statistics, no window: with the weights fixed, the compensated window of
+        k batches would only average k batches' statistics (see ``precise_bn``)."""
+        return centered_batch_forward(x, self.weight, self.bias, self.eps)
+
+    def pair_conv(self, conv: nn.Module) -> bool:
         """Use ``conv``'s weight for the Taylor compensation (the conv whose output this layer normalizes)."""
         self.__dict__["_conv"] = conv
         w = conv.weight
@@ -74,6 +103,7 @@ class CrossIterationBatchNorm2d(nn.Module):
                             ("ring_dnu", (k, *w.shape)), ("ring_w", (k, *w.shape))):
             if getattr(self, name).shape != shape:
                 setattr(self, name, torch.zeros(shape, device=w.device, dtype=self.running_var.dtype))
+        return True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in RINGS:  # ring shapes follow the paired conv: take the checkpoint's
@@ -209,3 +239,17 @@ def conv_derivatives(y: Tensor, w: Tensor, conv: tuple[Tensor, dict], groups: in
         def weight_grad(grad_out: Tensor) -> Tensor:
             return torch.nn.grad.conv2d_weight(x, shape, by_group(grad_out), **grouped).unflatten(0, (groups, -1))
         return weight_grad(torch.full_like(y, 1.0 / m)), weight_grad(y * (2.0 / m))
+
+
+@register_norm("cbn", types=(CrossIterationBatchNorm2d,),
+               defaults={"window": 4, "burnin_iters": None, "eps": 1e-5, "momentum": 0.1},
+               batch_dependent=True, foldable=True)
+def _build_cbn(p: dict, ctx: NormContext) -> NormRecipe:
+    # Official COCO setting: window 4 (the current and 3 previous batches), burn-in 8 of 12 epochs; burn-in
+    # defaults to 2/3 of the run when its length is known.
+    burnin = p["burnin_iters"]
+    if burnin is None:
+        burnin = (2 * ctx.total_iters) // 3 if ctx.total_iters else 0
+    ctor = functools.partial(CrossIterationBatchNorm2d, window=p["window"], burnin_iters=ctx.iters(burnin),
+                             group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"])
+    return NormRecipe("cbn", ctor, pairs_convs=True, params={**p, "burnin_iters": burnin})

@@ -1,26 +1,28 @@
-"""Weight-centered convolutions feeding MABN (Yan et al. 2020, Sec. 4.3), as a model transform; the same
-pairing gives the convs feeding GN+WS their weight standardization (Qiao et al. 2019).
-
-W[o] <- W[o] - mean(W[o]) over (in, kh, kw): the conv output is then ~zero-mean per channel, so the second
-moment MABN normalizes by approximates the variance. Applied with ``torch.nn.utils.parametrize`` so the
-stored parameter stays the raw weight (optimizer, checkpoints) and the conv always sees the centered one.
+"""Pairing a model's convs with the norms that normalize their outputs (``NormLayer.pair_conv``), as a model
+transform: MABN's weight centering, GN+WS's weight standardization and CBN's Taylor compensation all start
+from the same structural rule, and each norm does with its conv what its paper says.
 """
 
 from __future__ import annotations
 
 import itertools
 
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils import parametrize
 
-from .registry import norm_types
+from . import protocol
+from ._table import norm_types
+from ._weights import (  # re-exported: the parametrizations and their baking live in _weights
+    CenteredWeight,
+    StandardizedWeight,
+    bake_weight_centering,
+    is_centered,
+    is_paired,
+    unparametrize_weight,
+)
 
-
-class CenteredWeight(nn.Module):
-    """Parametrization W -> W - mean over every axis but the output-filter axis."""
-
-    def forward(self, weight: Tensor) -> Tensor:
-        return weight - weight.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+__all__ = ["CenteredWeight", "StandardizedWeight", "bake_weight_centering", "center_conv_weights",
+           "conv_norm_pairs", "is_centered", "is_paired", "unparametrize_weight"]
 
 
 def conv_norm_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, nn.Module]]:
@@ -48,70 +50,8 @@ def _channels(norm: nn.Module) -> int | None:
 
 
 def center_conv_weights(model: nn.Module, norm_types_to_center: tuple[type, ...] | None = None) -> list[str]:
-    """Pair every conv feeding a norm of the given types (default: every norm that pairs) with that norm.
-
-    The conv's weight gets the norm's parametrization: CenteredWeight for MABN2d, and for a norm with a
-    ``feeding_conv_parametrization()`` method (GroupNormWS: weight standardization) what it returns; a norm
-    with a ``pair_feeding_conv(conv)`` method (CBN: Taylor compensation by the conv's weight) is handed the
-    conv. Returns the names of the paired convs. Idempotent: an already-paired conv is left as is.
-    """
+    """Hand every conv feeding a norm of the given types (default: every registered norm) to that norm
+    (``pair_conv``); returns the names of the convs a norm paired with. Idempotent."""
     targets = norm_types_to_center or (nn.Module,)
-    names = []
-    for cname, conv, _, norm in conv_norm_pairs(model):
-        if hasattr(norm, "pair_feeding_conv") and isinstance(norm, targets):
-            norm.pair_feeding_conv(conv)
-            names.append(cname)
-            continue
-        make = _feeding_parametrization(norm)
-        if make is None or not isinstance(norm, targets):
-            continue
-        if not is_paired(conv):
-            parametrize.register_parametrization(conv, "weight", make())
-        names.append(cname)
-    return names
-
-
-def _feeding_parametrization(norm: nn.Module):
-    from .mabn import MABN2d
-
-    if isinstance(norm, MABN2d):
-        return CenteredWeight
-    return getattr(norm, "feeding_conv_parametrization", None)
-
-
-def is_centered(conv: nn.Module) -> bool:
-    """Whether ``conv.weight`` goes through a CenteredWeight parametrization."""
-    return parametrize.is_parametrized(conv, "weight") and any(
-        isinstance(p, CenteredWeight) for p in conv.parametrizations.weight)
-
-
-def is_paired(conv: nn.Module) -> bool:
-    """Whether ``conv.weight`` goes through a pairing parametrization (centering or standardization)."""
-    from .gnws import StandardizedWeight
-
-    return parametrize.is_parametrized(conv, "weight") and any(
-        isinstance(p, (CenteredWeight, StandardizedWeight)) for p in conv.parametrizations.weight)
-
-
-def bake_weight_centering(model: nn.Module) -> nn.Module:
-    """Replace each pairing parametrization (centering, standardization) by a plain weight of its values."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d) and is_paired(module):
-            unparametrize_weight(module)
-    return model
-
-
-def unparametrize_weight(conv: nn.Module) -> None:
-    """``remove_parametrizations(conv, "weight", leave_parametrized=True)``, safe on deep copies.
-
-    torch's version deletes the ``weight`` property from the generated ``Parametrized*`` class, which a
-    ``copy.deepcopy`` of the module shares with the original: removing it from a copy breaks the original.
-    Here only the instance changes: it gets its plain class back and a plain Parameter.
-    """
-    if set(conv.parametrizations.keys()) != {"weight"}:
-        raise ValueError(f"{type(conv).__name__} has parametrizations other than weight: "
-                         f"{sorted(conv.parametrizations.keys())}")
-    weight = conv.weight.detach().clone()
-    conv.__class__ = conv.__class__.__bases__[0]
-    del conv.parametrizations
-    conv.weight = nn.Parameter(weight)
+    return [cname for cname, conv, _, norm in conv_norm_pairs(model)
+            if isinstance(norm, targets) and protocol.pair_conv(norm, conv)]

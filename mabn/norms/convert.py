@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import protocol
+from .activations import apply_norm_activations
 from .centering import conv_norm_pairs, is_paired, unparametrize_weight
 from .registry import NormContext, NormRecipe, build_norm, foldable_types, norm_types
-
-# Registry norms whose running_mean / running_var mean what BatchNorm's do (eval: (x − μ)/√(σ² + ε)).
-STATISTICS_NORMS = ("bn", "brn", "syncbn", "frozenbn", "cbn")
 
 # Frozen BatchNorms of other libraries: (module, class); buffers weight, bias, running_mean, running_var.
 _FROZEN = (("detectron2.layers.batch_norm", "FrozenBatchNorm2d"),
@@ -117,8 +116,9 @@ def _channels(module: nn.Module) -> int:
     return getattr(module, "num_features", None) or module.running_var.numel()
 
 
-def _copy_state(src: nn.Module, new: nn.Module, name: str) -> tuple[str, ...]:
-    """Copy what means the same in both layers; MABN's statistic is the second moment E[x²] = σ² + μ²."""
+def _copy_state(src: nn.Module, new: nn.Module) -> tuple[str, ...]:
+    """Copy what means the same in both layers: the affine, and the population statistic in the new layer's
+    terms (``protocol.convert_population``: MABN's second moment is E[x²] = σ² + μ²)."""
     copied = []
     with torch.no_grad():
         for key in ("weight", "bias"):
@@ -126,21 +126,16 @@ def _copy_state(src: nn.Module, new: nn.Module, name: str) -> tuple[str, ...]:
             if isinstance(s, Tensor) and isinstance(d, Tensor):
                 d.copy_(s)
                 copied.append(key)
-        mean, var = getattr(src, "running_mean", None), getattr(src, "running_var", None)
-        if mean is None or var is None:
-            return tuple(copied)
-        if name in STATISTICS_NORMS:
-            new.running_mean.copy_(mean)
-            new.running_var.copy_(var)
-            copied += ["running_mean", "running_var"]
-        elif name == "mabn":
-            new.running_var.copy_(var + mean * mean)
-            copied.append("running_var (+ running_mean²)")
+        have = protocol.population(src)
+        stats = protocol.convert_population(have, protocol.statistic(new))
+        if stats:
+            protocol.set_population(new, stats)
+            copied += ["running_mean", "running_var"] if "mean" in stats else \
+                ["running_var (+ running_mean²)" if "mean" in have else "running_var"]
     return tuple(copied)
 
 
-def _carries_activation(norm: nn.Module) -> bool:
-    return bool(getattr(type(norm), "carries_activation", False)) and bool(getattr(norm, "apply_act", False))
+_carries_activation = protocol.carries_activation
 
 
 def _with_activation(src: nn.Module, new: nn.Module) -> tuple[nn.Module, str]:
@@ -207,7 +202,7 @@ def convert_norms(model: nn.Module, cfg: Mapping[str, Any] | str | NormRecipe,
     """
     recipe = cfg if isinstance(cfg, NormRecipe) else build_norm(cfg, context)
     keep_eps = isinstance(cfg, str) or (isinstance(cfg, Mapping) and cfg.get("eps") is None)
-    keep_eps = keep_eps and recipe.name in (*STATISTICS_NORMS, "mabn")
+    keep_eps = keep_eps and protocol.statistic(recipe.ctor(1)) is not None  # a norm with BN's eps
     report = ConversionReport(recipe.name)
     replacements = []  # all built before the first is replaced: a failure leaves the model as it was
     for name, module in list(model.named_modules()):
@@ -219,7 +214,7 @@ def convert_norms(model: nn.Module, cfg: Mapping[str, Any] | str | NormRecipe,
                 report.left.append(Left(name, type(module).__name__, reason))
             continue
         norm = _like(_build_one(recipe, module, keep_eps, name, model), module)
-        copied = _copy_state(module, norm, recipe.name)
+        copied = _copy_state(module, norm)
         new, note = _with_activation(module, norm)
         weight = getattr(module, "weight", None)
         if isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter):
@@ -233,15 +228,13 @@ def convert_norms(model: nn.Module, cfg: Mapping[str, Any] | str | NormRecipe,
     recipe.prepare(model)
     _record_pairs(model, recipe, new_norms, report)
     if any(_carries_activation(m) for m in model.modules()):
-        from mabn.models.activations import apply_norm_activations  # torchvision / CIFAR ResNet blocks
-
-        report.activations = apply_norm_activations(model)
+        report.activations = apply_norm_activations(model)  # torchvision / CIFAR ResNet blocks
     return report
 
 
 def _record_pairs(model: nn.Module, recipe: NormRecipe, new_norms: dict[int, str],
                   report: ConversionReport) -> None:
-    if not recipe.weight_centering:  # MABN's centering, GN+WS's standardization, CBN's compensation
+    if not recipe.pairs_convs:  # MABN's centering, GN+WS's standardization, CBN's compensation
         return
     fed = {id(norm) for _, _, _, norm in conv_norm_pairs(model)}
     report.paired = [c for c, _, _, norm in conv_norm_pairs(model) if id(norm) in new_norms]

@@ -8,6 +8,7 @@ last norm, a projection shortcut), the official code (tensorflow/tpu resnet_mode
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -15,6 +16,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ._common import check_input, check_positive, spatial_dot, spatial_sum, spatial_sum_sq, stat_dtype
+from ._table import register_norm
+from .protocol import NormLayer
+from .registry import NormContext, NormRecipe
 
 
 def evonorm_groups(num_channels: int, num_groups: int) -> int:
@@ -78,21 +82,23 @@ class _EvoNormS0(torch.autograd.Function):
         return dx, dweight, spatial_sum(dy).sum(dim=0).to(weight.dtype), dv.to(v.dtype), None, None
 
 
-class EvoNormS0(nn.Module):
+class EvoNormS0(NormLayer, nn.Module):
     """EvoNorm-S0 with per-channel v (init 1), γ (init 1), β (init 0); ``apply_act=False``: γx + β only."""
 
     carries_activation = True  # replaces norm + ReLU: model builders leave out the ReLU after it
 
-    def __init__(self, num_features: int, *, num_groups: int = 32, eps: float = 1e-5, apply_act: bool = True):
+    def __init__(self, num_features: int, *, num_groups: int = 32, eps: float = 1e-5, apply_act: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         check_positive("num_groups", num_groups, integer=True)
         self.num_features = num_features
         self.num_groups = evonorm_groups(num_features, num_groups)
         self.eps = float(check_positive("eps", eps, allow_zero=True))
         self.apply_act = bool(apply_act)
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.v = nn.Parameter(torch.ones(num_features)) if self.apply_act else None
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        self.v = nn.Parameter(torch.ones(num_features, **factory)) if self.apply_act else None
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, "
@@ -113,3 +119,10 @@ class EvoNormS0(nn.Module):
         if not self.apply_act or x.shape[0] == 0:  # N = 0: nothing to normalize (and no group variance)
             return torch.addcmul(b, xd, w).to(x.dtype)
         return _EvoNormS0.apply(x, self.weight, self.bias, self.v, self.num_groups, self.eps)
+
+
+@register_norm("evonorm_s0", types=(EvoNormS0,), defaults={"num_groups": 32, "eps": 1e-5},
+               batch_dependent=False, foldable=False)
+def _build_evonorm_s0(p: dict, ctx: NormContext) -> NormRecipe:
+    return NormRecipe("evonorm_s0", functools.partial(EvoNormS0, num_groups=p["num_groups"], eps=p["eps"]),
+                      params=p)

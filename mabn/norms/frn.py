@@ -8,6 +8,7 @@ single value); the paper's listing uses |ε| so a learned ε cannot go negative.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -15,6 +16,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ._common import check_input, check_positive, spatial_dot, spatial_sum, spatial_sum_sq, stat_dtype
+from ._table import register_norm
+from .protocol import NormLayer
+from .registry import NormContext, NormRecipe
 
 
 def _nc(t: Tensor, x: Tensor) -> Tensor:
@@ -67,25 +71,26 @@ class _FRN(torch.autograd.Function):
         return dx, dweight, dbias, dtau, deps, None
 
 
-class FilterResponseNorm2d(nn.Module):
+class FilterResponseNorm2d(NormLayer, nn.Module):
     """FRN (+ TLU when ``apply_act``), per-channel γ (init 1), β, τ (init 0); ε a scalar, learned if asked."""
 
     carries_activation = True  # the TLU replaces the ReLU: model builders leave out the ReLU after it
 
     def __init__(self, num_features: int, *, eps: float = 1e-6, learnable_eps: bool = False,
-                 apply_act: bool = True):
+                 apply_act: bool = True, device=None, dtype=None):
         super().__init__()
         self.num_features = num_features
         self.learnable_eps = bool(learnable_eps)
         self.apply_act = bool(apply_act)
         eps = float(check_positive("eps", eps, allow_zero=True))
+        factory = {"device": device, "dtype": dtype}
         if self.learnable_eps:
-            self.eps = nn.Parameter(torch.tensor(eps))
+            self.eps = nn.Parameter(torch.tensor(eps, **factory))
         else:
             self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.tau = nn.Parameter(torch.zeros(num_features)) if self.apply_act else None
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        self.tau = nn.Parameter(torch.zeros(num_features, **factory)) if self.apply_act else None
 
     def extra_repr(self) -> str:
         eps = "learned" if self.learnable_eps else self.eps
@@ -104,3 +109,10 @@ class FilterResponseNorm2d(nn.Module):
         eps_param = self.eps if self.learnable_eps else None
         return _FRN.apply(x, self.weight, self.bias, self.tau if self.apply_act else None, eps_param,
                           0.0 if self.learnable_eps else self.eps)
+
+
+@register_norm("frn", types=(FilterResponseNorm2d,), defaults={"eps": 1e-6, "learnable_eps": False},
+               batch_dependent=False, foldable=False)
+def _build_frn(p: dict, ctx: NormContext) -> NormRecipe:
+    ctor = functools.partial(FilterResponseNorm2d, eps=p["eps"], learnable_eps=bool(p["learnable_eps"]))
+    return NormRecipe("frn", ctor, params=p)

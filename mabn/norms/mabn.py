@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -16,9 +18,13 @@ from ._common import (
     num_groups,
     stat_dtype,
 )
+from ._table import register_norm
+from ._weights import CenteredWeight, parametrize_weight
+from .protocol import NormLayer, running_affine, second_moment_batch_forward
+from .registry import NormContext, NormRecipe
 
 
-class MABN2d(nn.Module):
+class MABN2d(NormLayer, nn.Module):
     """Moving Average Batch Normalization for (N, C, H, W) inputs.
 
     Normalizes by the second moment (no centering), replaces the forward statistic χ² and the backward
@@ -48,11 +54,14 @@ class MABN2d(nn.Module):
 
     SWITCHES = {"forward_stat": ("sma", "batch"), "backward_stat": ("sma", "batch"), "average": ("sma", "ema")}
     _DEFAULTS = {"forward_stat": "sma", "backward_stat": "sma", "average": "sma", "renorm": True}
+    statistic = "second_moment"  # running_var is v, the EMA of χ̄² = E[x²]: nothing is centered
+    reports_used_statistics = True  # χ̄², Ψ̄ and r, to a tracer (used_stats)
 
     def __init__(self, num_features: int, *, window: int = 16, group_size: int | None = None,
                  eps: float = 1e-5, momentum: float = 0.02, warmup_iters: int = 100,
                  renorm_iters: int = 1000, r_max: float = 5.0, forward_stat: str = "sma",
-                 backward_stat: str = "sma", average: str = "sma", renorm: bool = True, impl: str = "auto"):
+                 backward_stat: str = "sma", average: str = "sma", renorm: bool = True, impl: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
         self.impl = _fused.check_impl(impl)
         check_positive("num_features", num_features, integer=True)
@@ -77,16 +86,17 @@ class MABN2d(nn.Module):
             raise ValueError(f"renorm must be true or false (the r correction on or off), got {renorm!r}")
         self.forward_stat, self.backward_stat, self.average = forward_stat, backward_stat, average
         self.renorm = renorm
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
         if average == "sma":
-            self.register_buffer("ring_x2", torch.zeros(window, num_features))
-            self.register_buffer("ring_gz", torch.zeros(window, num_features))
+            self.register_buffer("ring_x2", torch.zeros(window, num_features, **factory))
+            self.register_buffer("ring_gz", torch.zeros(window, num_features, **factory))
         else:  # EMAs of χ² and Ψ (seeded by the first normalization batch)
-            self.register_buffer("ema_x2", torch.zeros(num_features))
-            self.register_buffer("ema_gz", torch.zeros(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+            self.register_buffer("ema_x2", torch.zeros(num_features, **factory))
+            self.register_buffer("ema_gz", torch.zeros(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         self.used_stats: dict | None = None  # set to {} by a tracer: the statistics of the last traced call
 
     @property
@@ -104,15 +114,28 @@ class MABN2d(nn.Module):
         for buf in self._averages():
             buf.zero_()
 
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Counter to 0 and the moving averages cleared: warm-up, SMA fill and renorm start over."""
+        self.num_batches_tracked.zero_()
+        self.reset_averages()
+
+    def pair_conv(self, conv: nn.Module) -> bool:
+        """Weight centering of the feeding conv (Yan et al. 2020, Sec. 4.3)."""
+        return parametrize_weight(conv, CenteredWeight())
+
+    def batch_statistics_forward(self, x: Tensor) -> Tensor:
+        return second_moment_batch_forward(x, self.weight, self.bias, self.eps)  # r = 1
+
     def extra_repr(self) -> str:
         return (f"{self.num_features}, window={self.window}, group_size={self.group_size}, eps={self.eps}, "
                 f"momentum={self.momentum}, warmup_iters={self.warmup_iters}, "
                 f"renorm_iters={self.renorm_iters}, r_max={self.r_max}" + "".join(
                     f", {k}={getattr(self, k)!r}" for k, v in self._DEFAULTS.items() if getattr(self, k) != v))
 
-    def eval_scale_shift(self) -> tuple[Tensor, Tensor]:
-        """The per-channel affine map of eval mode (what folding puts into the preceding conv)."""
-        return self.weight * torch.rsqrt(self.running_var + self.eps), self.bias
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        """The per-channel affine map of eval mode, γ/√(v+ε) and β (what folding puts into the conv)."""
+        return running_affine(None, self.running_var, self.weight, self.bias, self.eps)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.num_features, type(self).__name__)
@@ -120,14 +143,15 @@ class MABN2d(nn.Module):
             return empty_forward(x, self.weight, self.bias)
         dt = stat_dtype(x)
         if not self.training:
-            scale, shift = self.eval_scale_shift()
+            scale, shift = self.eval_affine()
             shape = (1, -1) + (1,) * (x.dim() - 2)
             return torch.addcmul(shift.view(shape).to(dt), x.to(dt), scale.view(shape).to(dt)).to(x.dtype)
         groups, _ = num_groups(x.shape[0], self.group_size)
         tensors = [self.weight, self.bias, self.running_var, *self._averages()]
         # a step a tracer records takes the reference path: the tracer reads what it computes
         if self.used_stats is None and _fused.use_fused(self.impl, x, tensors, type(self).__name__,
-                                                        None if self.uses_default_statistics else "ablations"):
+                                                        None if self.uses_default_statistics else "ablations",
+                                                        module=self):
             hp = (self.window, self.warmup_iters, max(self.renorm_iters, self.warmup_iters), self.r_max,
                   self.momentum, self.eps)
             return _fused.FusedMABN.apply(x, self.weight, self.bias, self.ring_x2, self.running_var,
@@ -150,3 +174,21 @@ class MABN2d(nn.Module):
             sink.clear()
             sink.update(chi2_bar=chi2_bar, r=r)
         return ops.MABNNormalize.apply(*args, sink)
+
+
+SIMULATED_BATCH = 32  # MABN's default window is simulated batch / n (paper: n = 2 -> m = 16)
+
+
+@register_norm("mabn", types=(MABN2d,),
+               defaults={"window": None, "eps": 1e-5, "momentum": 0.02, "warmup_iters": 100,
+                         "renorm_iters": 1000, "r_max": 5.0, "weight_centering": True, **MABN2d._DEFAULTS,
+                         "impl": "auto"},
+               batch_dependent=True, foldable=True, switches=(*MABN2d._DEFAULTS, "weight_centering"))
+def _build_mabn(p: dict, ctx: NormContext) -> NormRecipe:
+    n = ctx.norm_batch or ctx.device_batch
+    window = p["window"] if p["window"] is not None else max(1, SIMULATED_BATCH // n) if n else 16
+    ctor = functools.partial(
+        MABN2d, window=window, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"],
+        warmup_iters=ctx.iters(p["warmup_iters"]), renorm_iters=ctx.iters(p["renorm_iters"]),
+        r_max=p["r_max"], impl=p["impl"], **{k: p[k] for k in MABN2d._DEFAULTS})
+    return NormRecipe("mabn", ctor, pairs_convs=bool(p["weight_centering"]), params={**p, "window": window})

@@ -1,47 +1,89 @@
-"""The norm registry: names -> builders of channel-first constructors, and the derived tuples of norm types."""
+"""The norm registry: names -> builders of channel-first constructors; the plan of batches they are built for.
+
+``build_norm(cfg, context) -> NormRecipe`` turns a flat norm config (``{"name": "mabn", **hyper_params}``) and
+the runtime facts of a ``NormContext`` (normalization batch, device batch, world size, iterations) into the
+constructor ``ctor(num_channels)`` that torchvision's ``norm_layer``, timm's ``norm_layer`` and detectron2's
+``get_norm`` take. Every layer file registers its own builder (``register_norm``, in ``_table``).
+"""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from .batchnorm import BatchNorm2d, CenteredConvBatchNorm2d, FrozenBatchNorm2d, SyncBatchNorm
-from .brn import BatchRenorm2d
-from .cbn import CrossIterationBatchNorm2d
-from .evonorm import EvoNormS0
-from .frn import FilterResponseNorm2d
-from .gnws import GroupNormWS
-from .groupnorm import GroupNorm
-from .layernorm import InstanceNorm2d, LayerNorm2d
-from .mabn import MABN2d
+from ._table import (
+    Entry,
+    batch_dependent_types,
+    canonical_name,
+    entry,
+    foldable_types,
+    norm_defaults,
+    norm_types,
+    norm_variant,
+    register_norm,
+    registered_norms,
+)
+from .centering import center_conv_weights
 
-NormCtor = Callable[[int], nn.Module]
+NormCtor = Callable[..., nn.Module]
+
+
+def _check_count(name: str, value: Any, *, optional: bool) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"NormContext.{name} must be a positive integer{' or None' if optional else ''}, "
+                         f"got {value!r}")
 
 
 @dataclass(frozen=True)
 class NormContext:
-    """Runtime facts a recipe may depend on (bound by the registry, never read from globals by a layer).
+    """The batches a run normalizes, computes and steps with, and the facts a recipe may depend on (bound by
+    the registry, never read from globals by a layer); the one plan type of both entry scripts.
 
     ``norm_batch``: samples per normalization batch n (None = the device batch); ``device_batch``: samples per
-    device per step; ``world_size``: devices; ``total_iters``: training iterations of the run (if known).
+    device per step; ``world_size``: devices; ``total_iters``: training iterations of the run (if known);
+    ``device_type``: where the layers run ("cpu", "cuda"; None: not known). n must divide the device batch.
     """
 
     norm_batch: int | None = None
     device_batch: int | None = None
     world_size: int = 1
     total_iters: int | None = None
+    device_type: str | None = None
+
+    def __post_init__(self):
+        _check_count("norm_batch", self.norm_batch, optional=True)
+        _check_count("device_batch", self.device_batch, optional=True)
+        _check_count("world_size", self.world_size, optional=False)
+        if self.total_iters is not None:
+            _check_count("total_iters", self.total_iters, optional=False)
+        n, d = self.norm_batch, self.device_batch
+        if n is not None and d is not None and (n > d or d % n):
+            valid = [k for k in range(1, d + 1) if d % k == 0]
+            raise ValueError(f"normalization batch {n} does not divide the device batch {d}; valid "
+                             f"normalization batches: {valid}")
+
+    @property
+    def sgd_batch(self) -> int | None:
+        """Samples behind one weight update (device batch x devices)."""
+        return None if self.device_batch is None else self.device_batch * self.world_size
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the device batch is split into several normalization batches."""
+        return self.group_size is not None
 
     @property
     def group_size(self) -> int | None:
         """``group_size`` for batch-dependent layers: None when n is the whole device batch."""
         if self.norm_batch is None or self.norm_batch == self.device_batch:
             return None
-        if self.device_batch is not None and self.device_batch % self.norm_batch:
-            raise ValueError(f"normalization batch {self.norm_batch} must divide the device batch {self.device_batch}")
         return self.norm_batch
 
     @property
@@ -51,123 +93,67 @@ class NormContext:
             return 1
         return self.device_batch // self.group_size
 
+    def norm_context(self, total_iters: int | None = None) -> NormContext:
+        """This plan with the run's length (what schedules counted in iterations are scaled by)."""
+        return dataclasses.replace(self, total_iters=total_iters)
+
+    def iters(self, value: int, scale: float = 1.0) -> int:
+        """Training iterations -> normalization batches, which is what layer counters count."""
+        return int(round(value * scale)) * self.groups_per_step
+
 
 @dataclass(frozen=True)
 class NormRecipe:
-    """What a model builder needs: the constructor, and whether the convs feeding the norm are paired with it.
+    """What a model builder needs: the constructor, and whether the convs feeding the norm pair with it.
 
-    ``weight_centering``: the convs feeding the norm get the norm's weight parametrization through
-    ``center_conv_weights`` (MABN: centering; GN+WS: standardization, i.e. centering and scaling).
+    ``pairs_convs``: ``prepare`` hands every conv whose output a norm of the model normalizes to that norm
+    (``NormLayer.pair_conv``: MABN's weight centering, GN+WS's standardization, CBN's compensation).
+    ``batch_dependent`` and ``foldable`` are the registry's facts about the norm, filled in by ``build_norm``.
     """
 
     name: str
     ctor: NormCtor
-    weight_centering: bool = False
-    batch_dependent: bool = False
+    pairs_convs: bool = False
     params: Mapping[str, Any] = field(default_factory=dict)
+    batch_dependent: bool = False
+    foldable: bool = False
+
+    @property
+    def frozen(self) -> bool:
+        """An affine eval map that training does not change (frozenbn): nothing to learn from random init."""
+        return self.foldable and not self.batch_dependent
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Parametrize the convs that feed this recipe's norms as it asks (MABN: weight centering), in place.
-        Model builders call it once after building; a model built by hand calls it too."""
-        if self.weight_centering:
-            from .centering import center_conv_weights  # centering reads the registry's type tuples
-
+        """Pair the convs that feed this recipe's norms as it asks, in place. Model builders call it once
+        after building; a model built by hand calls it too."""
+        if self.pairs_convs:
             center_conv_weights(model)
         return model
-
-
-@dataclass(frozen=True)
-class _Entry:
-    builder: Callable[[dict, NormContext], NormRecipe]
-    types: tuple[type, ...]
-    defaults: Mapping[str, Any]
-    batch_dependent: bool
-    foldable: bool
-    switches: tuple[str, ...] = ()
-
-
-_REGISTRY: dict[str, _Entry] = {}
-
-
-def register_norm(name: str, *, types: tuple[type, ...], defaults: Mapping[str, Any], batch_dependent: bool,
-                  foldable: bool, switches: tuple[str, ...] = ()):
-    """Decorator registering ``builder(params, context) -> NormRecipe`` under ``name``.
-
-    ``switches``: the hyper-parameters that make another variant of the method (ablations), not another
-    setting of it; results tables name a run's non-default switches in its row (``norm_variant``)."""
-
-    def deco(builder):
-        if name in _REGISTRY:
-            raise ValueError(f"norm {name!r} is already registered")
-        _REGISTRY[name] = _Entry(builder, types, dict(defaults), batch_dependent, foldable, tuple(switches))
-        return builder
-
-    return deco
-
-
-def norm_variant(name: str, params: Mapping[str, Any] | None) -> str:
-    """The non-default switches of a run's norm params, e.g. ``"backward_stat=batch, renorm=false"``;
-    "" for the method as published (and for params recorded before a switch existed, or unknown norms)."""
-    entry = _REGISTRY.get(name)
-    if entry is None or not params:
-        return ""
-    changed = [(k, params[k]) for k in entry.switches if k in params and params[k] != entry.defaults[k]]
-    return ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changed)
-
-
-def registered_norms() -> tuple[str, ...]:
-    """Every registered norm name, sorted."""
-    return tuple(sorted(_REGISTRY))
-
-
-def norm_defaults(name: str) -> dict[str, Any]:
-    """The hyper-parameters a norm accepts, with their defaults (what configs/norm/<name>.yaml mirrors)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown norm {name!r}; registered norms: {', '.join(registered_norms())}")
-    return dict(_REGISTRY[name].defaults)
-
-
-def _types(pred: Callable[[_Entry], bool]) -> tuple[type, ...]:
-    out: list[type] = []
-    for entry in _REGISTRY.values():
-        if pred(entry):
-            out.extend(t for t in entry.types if t not in out)
-    return tuple(out)
-
-
-def norm_types() -> tuple[type, ...]:
-    """All normalization layer types (for no-weight-decay groups, precise-BN, folding, diagnostics)."""
-    return _types(lambda e: True)
-
-
-def batch_dependent_types() -> tuple[type, ...]:
-    """Types whose training output depends on the other samples of the batch (bn, brn, mabn, syncbn)."""
-    return _types(lambda e: e.batch_dependent)
-
-
-def foldable_types() -> tuple[type, ...]:
-    """Types whose eval mode is a per-channel affine map that folds into the preceding conv."""
-    return _types(lambda e: e.foldable)
 
 
 def build_norm(cfg: Mapping[str, Any] | str, context: NormContext | None = None) -> NormRecipe:
     """Turn a flat norm config (``{"name": "mabn", **hyper_params}`` or a bare name) into a recipe.
 
-    Unknown names and unknown hyper-parameters raise a ValueError listing the valid ones.
+    Names are case-insensitive. Unknown names and unknown hyper-parameters raise a ValueError listing the
+    valid ones; every value is checked before a layer is built.
     """
     params = {"name": cfg} if isinstance(cfg, str) else dict(cfg)
-    name = params.pop("name", None)
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown norm {name!r}; registered norms: {', '.join(registered_norms())}")
-    entry = _REGISTRY[name]
-    unknown = sorted(set(params) - set(entry.defaults))
+    found = entry(params.pop("name", None))
+    unknown = sorted(set(params) - set(found.defaults))
     if unknown:
-        raise ValueError(f"unknown hyper-parameter(s) {unknown} for norm {name!r}; valid: {sorted(entry.defaults)}")
-    merged = {**entry.defaults, **{k: v for k, v in params.items() if v is not None}}
+        raise ValueError(f"unknown hyper-parameter(s) {unknown} for norm {found.name!r}; "
+                         f"valid: {sorted(found.defaults)}")
+    ctx = context or NormContext()
+    if ctx.grouped and not found.groupable:
+        raise ValueError(f"{found.name} normalizes over the global batch (device batch x devices); normalization "
+                         f"batch {ctx.norm_batch} != device batch {ctx.device_batch} would need groups: use "
+                         f"batch_mode=device or a normalization batch of {ctx.device_batch}")
+    merged = {**found.defaults, **{k: v for k, v in params.items() if v is not None}}
     for key, value in merged.items():
         _check_value(key, value)
-    ctx = context or NormContext()
-    recipe = entry.builder(merged, ctx)
+    recipe = found.builder(merged, ctx)
+    recipe = dataclasses.replace(recipe, name=found.name, batch_dependent=found.batch_dependent,
+                                 foldable=found.foldable)
     _check_ctor(recipe)
     return recipe
 
@@ -190,10 +176,12 @@ _VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "renorm_iters": (_count, "a non-negative integer"),
     "r_max_iters": (_count, "a non-negative integer"),
     "d_max_iters": (_count, "a non-negative integer"),
+    "burnin_iters": (lambda v: v is None or _count(v), "a non-negative integer or null"),
     "schedule_ref_iters": (lambda v: v is None or (_count(v) and v > 0), "a positive integer or null"),
     "r_max": (lambda v: _number(v) and v >= 1, "a number >= 1"),
     "d_max": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "weight_centering": (lambda v: isinstance(v, bool), "true or false"),
+    "learnable_eps": (lambda v: isinstance(v, bool), "true or false"),
     "forward_stat": (lambda v: v in ("sma", "batch"), "one of sma, batch"),
     "backward_stat": (lambda v: v in ("sma", "batch"), "one of sma, batch"),
     "average": (lambda v: v in ("sma", "ema"), "one of sma, ema"),
@@ -206,6 +194,10 @@ def _check_value(key: str, value: Any) -> None:
     ok, what = _VALUE_RULES.get(key, (lambda v: True, ""))
     if not ok(value):
         raise ValueError(f"norm.{key} must be {what}, got {value!r}")
+    if key == "momentum" and value > 0.5:
+        warnings.warn(f"norm.momentum={value!r} is read in PyTorch's convention, the weight of the NEW value "
+                      f"(running <- (1 - m)·running + m·batch); the official MABN/TensorFlow convention "
+                      f"weights the old value, so its {value!r} is {1 - value:.4g} here", UserWarning, stacklevel=3)
 
 
 def _check_ctor(recipe: NormRecipe) -> None:
@@ -217,127 +209,6 @@ def _check_ctor(recipe: NormRecipe) -> None:
                          f"(checked on a 64-channel layer when the config was built)") from err
 
 
-def _iters(value: int, ctx: NormContext, scale: float = 1.0) -> int:
-    """Training iterations -> normalization batches, which is what layer counters count."""
-    return int(round(value * scale)) * ctx.groups_per_step
-
-
-@register_norm("bn", types=(BatchNorm2d, nn.BatchNorm2d),
-               defaults={"eps": 1e-5, "momentum": 0.1, "impl": "auto", "weight_centering": False},
-               batch_dependent=True, foldable=True, switches=("weight_centering",))
-def _build_bn(p: dict, ctx: NormContext) -> NormRecipe:
-    # weight_centering: MABN's centered filters in the convs feeding BN (an ablation of MABN's parts)
-    cls = CenteredConvBatchNorm2d if p["weight_centering"] else BatchNorm2d
-    ctor = functools.partial(cls, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"], impl=p["impl"])
-    return NormRecipe("bn", ctor, weight_centering=bool(p["weight_centering"]), batch_dependent=True, params=p)
-
-
-
-@register_norm("gn", types=(nn.GroupNorm,), defaults={"num_groups": 32, "eps": 1e-5},
-               batch_dependent=False, foldable=False)
-def _build_gn(p: dict, ctx: NormContext) -> NormRecipe:
-    return NormRecipe("gn", functools.partial(GroupNorm, num_groups=p["num_groups"], eps=p["eps"]), params=p)
-
-
-@register_norm("ln", types=(LayerNorm2d,), defaults={"eps": 1e-5}, batch_dependent=False, foldable=False)
-def _build_ln(p: dict, ctx: NormContext) -> NormRecipe:
-    return NormRecipe("ln", functools.partial(LayerNorm2d, eps=p["eps"]), params=p)
-
-
-@register_norm("in", types=(InstanceNorm2d,), defaults={"eps": 1e-5}, batch_dependent=False, foldable=False)
-def _build_in(p: dict, ctx: NormContext) -> NormRecipe:
-    return NormRecipe("in", functools.partial(InstanceNorm2d, eps=p["eps"]), params=p)
-
-
-@register_norm("gnws", types=(GroupNormWS,), defaults={"num_groups": 32, "eps": 1e-5, "ws_eps": 1e-5},
-               batch_dependent=False, foldable=False)
-def _build_gnws(p: dict, ctx: NormContext) -> NormRecipe:
-    ctor = functools.partial(GroupNormWS, num_groups=p["num_groups"], eps=p["eps"], ws_eps=p["ws_eps"])
-    return NormRecipe("gnws", ctor, weight_centering=True, params=p)  # pairs convs: weight standardization
-
-
-@register_norm("evonorm_s0", types=(EvoNormS0,), defaults={"num_groups": 32, "eps": 1e-5},
-               batch_dependent=False, foldable=False)
-def _build_evonorm_s0(p: dict, ctx: NormContext) -> NormRecipe:
-    ctor = functools.partial(EvoNormS0, num_groups=p["num_groups"], eps=p["eps"])
-    return NormRecipe("evonorm_s0", ctor, params=p)
-
-
-@register_norm("frn", types=(FilterResponseNorm2d,), defaults={"eps": 1e-6, "learnable_eps": False},
-               batch_dependent=False, foldable=False)
-def _build_frn(p: dict, ctx: NormContext) -> NormRecipe:
-    ctor = functools.partial(FilterResponseNorm2d, eps=p["eps"], learnable_eps=bool(p["learnable_eps"]))
-    return NormRecipe("frn", ctor, params=p)
-
-
-@register_norm("brn", types=(BatchRenorm2d,),
-               defaults={"eps": 1e-5, "momentum": 0.1, "r_max": 3.0, "d_max": 5.0, "warmup_iters": 5000,
-                         "r_max_iters": 40000, "d_max_iters": 25000, "schedule_ref_iters": None,
-                         "impl": "auto"},
-               batch_dependent=True, foldable=True)
-def _build_brn(p: dict, ctx: NormContext) -> NormRecipe:
-    # Schedule lengths are given in training iterations (as in Ioffe 2017); with schedule_ref_iters set they
-    # are scaled by total_iters / schedule_ref_iters ("scale these with run length").
-    scale = 1.0
-    if p["schedule_ref_iters"] is not None and ctx.total_iters is not None:
-        scale = ctx.total_iters / p["schedule_ref_iters"]
-    ctor = functools.partial(
-        BatchRenorm2d, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"], r_max=p["r_max"],
-        d_max=p["d_max"], warmup_iters=_iters(p["warmup_iters"], ctx, scale),
-        r_max_iters=_iters(p["r_max_iters"], ctx, scale), d_max_iters=_iters(p["d_max_iters"], ctx, scale),
-        impl=p["impl"])
-    return NormRecipe("brn", ctor, batch_dependent=True, params=p)
-
-
-SIMULATED_BATCH = 32  # MABN's default window is simulated batch / n (paper: n = 2 -> m = 16)
-
-
-MABN_SWITCHES = {"forward_stat": "sma", "backward_stat": "sma", "average": "sma", "renorm": True}
-
-
-@register_norm("mabn", types=(MABN2d,),
-               defaults={"window": None, "eps": 1e-5, "momentum": 0.02, "warmup_iters": 100,
-                         "renorm_iters": 1000, "r_max": 5.0, "weight_centering": True, **MABN_SWITCHES,
-                         "impl": "auto"},
-               batch_dependent=True, foldable=True, switches=(*MABN_SWITCHES, "weight_centering"))
-def _build_mabn(p: dict, ctx: NormContext) -> NormRecipe:
-    n = ctx.norm_batch or ctx.device_batch
-    window = p["window"] if p["window"] is not None else max(1, SIMULATED_BATCH // n) if n else 16
-    ctor = functools.partial(
-        MABN2d, window=window, group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"],
-        warmup_iters=_iters(p["warmup_iters"], ctx), renorm_iters=_iters(p["renorm_iters"], ctx),
-        r_max=p["r_max"], impl=p["impl"], **{k: p[k] for k in MABN_SWITCHES})
-    return NormRecipe("mabn", ctor, weight_centering=bool(p["weight_centering"]), batch_dependent=True,
-                      params={**p, "window": window})
-
-
-@register_norm("cbn", types=(CrossIterationBatchNorm2d,),
-               defaults={"window": 4, "burnin_iters": None, "eps": 1e-5, "momentum": 0.1},
-               batch_dependent=True, foldable=True)
-def _build_cbn(p: dict, ctx: NormContext) -> NormRecipe:
-    # Official COCO setting: window 4 (the current and 3 previous batches), burn-in 8 of 12 epochs; burn-in
-    # defaults to 2/3 of the run when its length is known.
-    burnin = p["burnin_iters"]
-    if burnin is None:
-        burnin = (2 * ctx.total_iters) // 3 if ctx.total_iters else 0
-    ctor = functools.partial(CrossIterationBatchNorm2d, window=p["window"], burnin_iters=_iters(burnin, ctx),
-                             group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"])
-    return NormRecipe("cbn", ctor, weight_centering=True, batch_dependent=True,
-                      params={**p, "burnin_iters": burnin})
-
-
-@register_norm("syncbn", types=(nn.SyncBatchNorm,), defaults={"eps": 1e-5, "momentum": 0.1},
-               batch_dependent=True, foldable=True)
-def _build_syncbn(p: dict, ctx: NormContext) -> NormRecipe:
-    # SyncBN normalizes over the whole global batch (device batch x world size); it has no group_size.
-    if ctx.group_size is not None:
-        raise ValueError(f"syncbn normalizes over the global batch; normalization batch {ctx.norm_batch} "
-                         f"!= device batch {ctx.device_batch} (use batch_mode=device or bn with groups)")
-    return NormRecipe("syncbn", functools.partial(SyncBatchNorm, eps=p["eps"], momentum=p["momentum"]),
-                      batch_dependent=True, params=p)
-
-
-@register_norm("frozenbn", types=(FrozenBatchNorm2d,), defaults={"eps": 1e-5}, batch_dependent=False,
-               foldable=True)
-def _build_frozenbn(p: dict, ctx: NormContext) -> NormRecipe:
-    return NormRecipe("frozenbn", functools.partial(FrozenBatchNorm2d, eps=p["eps"]), params=p)
+__all__ = ["Entry", "NormContext", "NormCtor", "NormRecipe", "batch_dependent_types", "build_norm",
+           "canonical_name", "entry", "foldable_types", "norm_defaults", "norm_types", "norm_variant",
+           "register_norm", "registered_norms"]
