@@ -1,9 +1,11 @@
 """Triton kernels of the fused BN / BRN / MABN path (launched by ``_fused``; imported on first use).
 
 Activations are seen as (N, C, S) with any strides (NCHW and NHWC both flatten to a view), in tiles of
-BLOCK_M rows (sample, position) by BLOCK_C channels; statistics and per-(group, channel) coefficients are
-(G, C) float32 tensors. The state kernels run one program per channel block and walk the G groups in
-order, so rings, EMAs and counters take the same sequential updates as G consecutive calls.
+BLOCK_M rows (sample, position) by BLOCK_C channels. The reductions (``stats``, ``grad_stats``) split each
+group's rows into K chunks (``_plan``) and write (G, K, C) float32 partials; the state kernels run one program
+per channel block, merge each group's chunks in chunk order (Chan's merge of count/mean/M2, or sums: exact up
+to rounding and deterministic, no atomics) and walk the G groups in order, so rings, EMAs and counters take the
+same sequential updates as G consecutive calls. Per-(group, channel) coefficients are (G, C) float32 tensors.
 """
 
 from __future__ import annotations
@@ -25,49 +27,104 @@ def _tile(base, g, c, m0, n, C, S, sn, sc, ss, BLOCK_M: tl.constexpr, BLOCK_C: t
 
 
 @triton.jit
-def stats_kernel(x_ptr, out1_ptr, out2_ptr, cnt_ptr, t0_ptr, n, C, S, sn, sc, ss,
+def _chunk_rows(k, R, rows):
+    """First row and row count of chunk k (rows k·R .. min((k+1)·R, rows) − 1; none past the end)."""
+    lo = k * R
+    return lo, tl.maximum(tl.minimum(R, rows - lo), 0)
+
+
+@triton.jit
+def stats_kernel(x_ptr, p1_ptr, p2_ptr, cnt_ptr, t0_ptr, n, C, S, sn, sc, ss, K, R,
                  CENTERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per (group, channel): mean and biased variance (two passes) if CENTERED, else mean of x²."""
-    g = tl.program_id(0)
+    """Chunk k of group g, one pass over its rows: mean and M2 = Σ(x − mean)² (CENTERED; tiles merged by
+    Chan's formula, so no E[x²] − E[x]² cancellation) or Σx², into (G, K, C) partials."""
+    g = tl.program_id(0) // K
+    k = tl.program_id(0) % K
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    total = n * S
-    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for m0 in range(0, total, BLOCK_M):
+    lo, count = _chunk_rows(k, R, n * S)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)  # Σx² (not CENTERED) or M2
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    seen = tl.zeros([BLOCK_C], dtype=tl.float32)  # rows merged so far (the same in every channel)
+    for m0 in range(lo, lo + count, BLOCK_M):
         ptr, mask = _tile(x_ptr, g, c, m0, n, C, S, sn, sc, ss, BLOCK_M, BLOCK_C)
+        mask &= (m0 + tl.arange(0, BLOCK_M) < lo + count)[:, None]
         xv = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        acc += xv if CENTERED else xv * xv
-    first = tl.sum(acc, axis=0) / total
-    tl.store(out1_ptr + g * C + c, first, mask=c < C)
+        if CENTERED:
+            nb = tl.minimum(BLOCK_M, lo + count - m0).to(tl.float32)
+            tile_mean = tl.sum(xv, axis=0) / nb
+            d = tl.where(mask, xv - tile_mean[None, :], 0.0)
+            tile_m2 = tl.sum(d * d, axis=0)
+            total = seen + nb
+            delta = tile_mean - mean
+            mean += delta * (nb / total)
+            acc += tile_m2 + delta * delta * (seen * nb / total)
+            seen = total
+        else:
+            acc += tl.sum(xv * xv, axis=0)
+    out = (g * K + k) * C + c
+    tl.store(p1_ptr + out, mean if CENTERED else acc, mask=c < C)
     if CENTERED:
-        acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for m0 in range(0, total, BLOCK_M):
-            ptr, mask = _tile(x_ptr, g, c, m0, n, C, S, sn, sc, ss, BLOCK_M, BLOCK_C)
-            xc = tl.load(ptr, mask=mask, other=0.0).to(tl.float32) - first[None, :]
-            xc = tl.where(mask, xc, 0.0)
-            acc2 += xc * xc
-        tl.store(out2_ptr + g * C + c, tl.sum(acc2, axis=0) / total, mask=c < C)
-    if (g == 0) & (tl.program_id(1) == 0):  # the counter before this call, for the state kernel
+        tl.store(p2_ptr + out, acc, mask=c < C)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):  # the counter before this call, for the state kernel
         tl.store(t0_ptr, tl.load(cnt_ptr))
 
 
 @triton.jit
-def grad_stats_kernel(dy_ptr, x_ptr, mean_ptr, s1_ptr, s2_ptr, n, C, S, dsn, dsc, dss, sn, sc, ss,
+def _merged(p1_ptr, p2_ptr, g, K, R, rows, c, C, CENTERED: tl.constexpr):
+    """Group g's statistic from its K chunk partials, in chunk order: (mean, biased variance) by Chan's
+    pairwise merge, or the mean of x²."""
+    cm = c < C
+    mean = tl.zeros_like(c).to(tl.float32)
+    acc = tl.zeros_like(c).to(tl.float32)
+    seen = tl.zeros_like(c).to(tl.float32)
+    for k in range(0, K):
+        _, nb = _chunk_rows(k, R, rows)
+        nbf = nb.to(tl.float32)
+        p1 = tl.load(p1_ptr + (g * K + k) * C + c, mask=cm, other=0.0)
+        if CENTERED:
+            m2 = tl.load(p2_ptr + (g * K + k) * C + c, mask=cm, other=0.0)
+            total = seen + nbf
+            delta = p1 - mean
+            frac = tl.where(total > 0, nbf / tl.maximum(total, 1.0), 0.0)
+            mean += delta * frac
+            acc += m2 + delta * delta * seen * frac
+            seen = total
+        else:
+            acc += p1
+    return mean, acc / rows
+
+
+@triton.jit
+def grad_stats_kernel(dy_ptr, x_ptr, mean_ptr, s1_ptr, s2_ptr, n, C, S, dsn, dsc, dss, sn, sc, ss, K, R,
                       HAS_MEAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per (group, channel): Σ dy and Σ dy·(x − mean) (Σ dy·x without a mean)."""
-    g = tl.program_id(0)
+    """Chunk k of group g: Σ dy and Σ dy·(x − mean) (Σ dy·x without a mean), into (G, K, C) partials."""
+    g = tl.program_id(0) // K
+    k = tl.program_id(0) % K
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    lo, count = _chunk_rows(k, R, n * S)
     mean = tl.load(mean_ptr + g * C + c, mask=c < C, other=0.0) if HAS_MEAN else tl.zeros([BLOCK_C], tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for m0 in range(0, n * S, BLOCK_M):
+    for m0 in range(lo, lo + count, BLOCK_M):
         dptr, mask = _tile(dy_ptr, g, c, m0, n, C, S, dsn, dsc, dss, BLOCK_M, BLOCK_C)
+        mask &= (m0 + tl.arange(0, BLOCK_M) < lo + count)[:, None]
         xptr, _ = _tile(x_ptr, g, c, m0, n, C, S, sn, sc, ss, BLOCK_M, BLOCK_C)
         dyv = tl.load(dptr, mask=mask, other=0.0).to(tl.float32)
         xv = tl.where(mask, tl.load(xptr, mask=mask, other=0.0).to(tl.float32) - mean[None, :], 0.0)
         acc1 += dyv
         acc2 += dyv * xv
-    tl.store(s1_ptr + g * C + c, tl.sum(acc1, axis=0), mask=c < C)
-    tl.store(s2_ptr + g * C + c, tl.sum(acc2, axis=0), mask=c < C)
+    out = (g * K + k) * C + c
+    tl.store(s1_ptr + out, tl.sum(acc1, axis=0), mask=c < C)
+    tl.store(s2_ptr + out, tl.sum(acc2, axis=0), mask=c < C)
+
+
+@triton.jit
+def _chunk_sum(p_ptr, g, K, c, C):
+    """Σ over group g's K chunk partials, in chunk order."""
+    acc = tl.zeros_like(c).to(tl.float32)
+    for k in range(0, K):
+        acc += tl.load(p_ptr + (g * K + k) * C + c, mask=c < C, other=0.0)
+    return acc
 
 
 @triton.jit
@@ -118,12 +175,18 @@ def _push_ring(ring_ptr, new_ptr, t0, start, G, c, C, window):
 
 
 @triton.jit
-def mabn_state_kernel(chi2_ptr, ring_ptr, rv_ptr, cnt_ptr, t0_ptr, w_ptr, b_ptr, k_ptr, shift_ptr, inv_ptr,
-                      r_ptr, G, C, window, ring_start, warmup, r_after, r_max, momentum, eps, BLOCK_C: tl.constexpr):
-    """MABN forward state (Yan et al. 2020, Alg. 1, G groups in order): χ̄², r, v; k = γ·r/√(χ̄²+ε)."""
+def mabn_state_kernel(part_ptr, chi2_ptr, ring_ptr, rv_ptr, cnt_ptr, t0_ptr, w_ptr, b_ptr, k_ptr, shift_ptr,
+                      inv_ptr, r_ptr, G, C, K, R, rows, window, ring_start, warmup, r_after, r_max, momentum, eps,
+                      BLOCK_C: tl.constexpr):
+    """MABN forward state (Yan et al. 2020, Alg. 1, G groups in order): χ²_g from the chunk partials, then
+    χ̄², r, v; k = γ·r/√(χ̄²+ε)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     t0 = tl.load(t0_ptr)
+    for g in range(0, G):
+        _, chi2 = _merged(part_ptr, part_ptr, g, K, R, rows, c, C, False)
+        tl.store(chi2_ptr + g * C + c, chi2, mask=cm)
+    tl.debug_barrier()
     v = tl.load(rv_ptr + c, mask=cm, other=1.0)
     gamma = tl.load(w_ptr + c, mask=cm, other=1.0)
     beta = tl.load(b_ptr + c, mask=cm, other=0.0)
@@ -147,12 +210,11 @@ def mabn_state_kernel(chi2_ptr, ring_ptr, rv_ptr, cnt_ptr, t0_ptr, w_ptr, b_ptr,
 
 
 @triton.jit
-def mabn_grad_kernel(s1_ptr, dot_ptr, psi_ptr, k_ptr, inv_ptr, r_ptr, w_ptr, ring_ptr, t0_ptr, dw_ptr, db_ptr,
-                     G, C, count, window, ring_start, warmup, BLOCK_C: tl.constexpr):
-    """MABN backward statistics (Alg. 2): Ψ into ring_gz, Ψ̄, dγ, dβ; dot_ptr becomes −s²·Ψ̄ (dx's x term).
-
-    Each Σdy·x is read (first loop) before its slot is overwritten (second loop), a barrier between.
-    """
+def mabn_grad_kernel(s1_ptr, dot_ptr, psi_ptr, xterm_ptr, k_ptr, inv_ptr, r_ptr, w_ptr, ring_ptr, t0_ptr, dw_ptr,
+                     db_ptr, G, C, K, count, window, ring_start, warmup, BLOCK_C: tl.constexpr):
+    """MABN backward statistics (Alg. 2): Ψ into ring_gz, Ψ̄, dγ, dβ from the chunk partials of Σdy and Σdy·x;
+    xterm = −s²·Ψ̄ (dx's x term). Every Ψ_t is written (first loop) before the window reads it (second loop),
+    a barrier between."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     t0 = tl.load(t0_ptr)
@@ -160,12 +222,12 @@ def mabn_grad_kernel(s1_ptr, dot_ptr, psi_ptr, k_ptr, inv_ptr, r_ptr, w_ptr, rin
     dw = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     for g in range(0, G):
-        dot = tl.load(dot_ptr + g * C + c, mask=cm, other=0.0)
+        dot = _chunk_sum(dot_ptr, g, K, c, C)
         inv = tl.load(inv_ptr + g * C + c, mask=cm, other=0.0)
         r = tl.load(r_ptr + g * C + c, mask=cm, other=0.0)
         tl.store(psi_ptr + g * C + c, gamma * r * inv * dot / count, mask=cm)  # Ψ_t = mean(ĝ·z)
         dw += r * inv * dot
-        db += tl.load(s1_ptr + g * C + c, mask=cm, other=0.0)
+        db += _chunk_sum(s1_ptr, g, K, c, C)
     tl.store(dw_ptr + c, dw.to(dw_ptr.dtype.element_ty), mask=cm)
     tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=cm)
     tl.debug_barrier()
@@ -175,15 +237,16 @@ def mabn_grad_kernel(s1_ptr, dot_ptr, psi_ptr, k_ptr, inv_ptr, r_ptr, w_ptr, rin
         sma = _window_mean(ring_ptr, psi_ptr, g, t0, c, C, window)
         bar = tl.where((t > window) & (t >= warmup), sma, psi)
         inv = tl.load(inv_ptr + g * C + c, mask=cm, other=0.0)
-        tl.store(dot_ptr + g * C + c, -inv * inv * bar, mask=cm)
+        tl.store(xterm_ptr + g * C + c, -inv * inv * bar, mask=cm)
     _push_ring(ring_ptr, psi_ptr, t0, ring_start, G, c, C, window)
 
 
 @triton.jit
-def centered_state_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, cnt_ptr, t0_ptr, w_ptr, b_ptr, k_ptr, shift_ptr,
-                         inv_ptr, r_ptr, d_ptr, G, C, unbias, momentum, eps, r_max, d_max, warmup, r_end,
-                         d_end, RENORM: tl.constexpr, BLOCK_C: tl.constexpr):
-    """BN / BRN forward state (Ioffe 2017, Alg. 1, G groups in order): r, d, running stats; k and shift."""
+def centered_state_kernel(p1_ptr, p2_ptr, mean_ptr, rm_ptr, rv_ptr, cnt_ptr, t0_ptr, w_ptr, b_ptr, k_ptr,
+                          shift_ptr, inv_ptr, r_ptr, d_ptr, G, C, K, R, rows, unbias, momentum, eps, r_max, d_max,
+                          warmup, r_end, d_end, RENORM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """BN / BRN forward state (Ioffe 2017, Alg. 1, G groups in order): each group's mean and variance merged
+    from its chunk partials, r, d, running stats; k and shift."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     t0 = tl.load(t0_ptr)
@@ -192,8 +255,8 @@ def centered_state_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, cnt_ptr, t0_ptr, w_
     gamma = tl.load(w_ptr + c, mask=cm, other=1.0)
     beta = tl.load(b_ptr + c, mask=cm, other=0.0)
     for g in range(0, G):
-        mean = tl.load(mean_ptr + g * C + c, mask=cm, other=0.0)
-        var = tl.load(var_ptr + g * C + c, mask=cm, other=1.0)
+        mean, var = _merged(p1_ptr, p2_ptr, g, K, R, rows, c, C, True)
+        tl.store(mean_ptr + g * C + c, mean, mask=cm)
         inv = 1.0 / tl.sqrt(var + eps)
         r = tl.full([BLOCK_C], 1.0, tl.float32)
         d = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -220,17 +283,18 @@ def centered_state_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, cnt_ptr, t0_ptr, w_
 
 
 @triton.jit
-def centered_grad_kernel(s1_ptr, s2_ptr, k_ptr, inv_ptr, r_ptr, d_ptr, dw_ptr, db_ptr, c0_ptr, b2_ptr, G, C,
-                        count, BLOCK_C: tl.constexpr):
-    """BN / BRN backward statistics: dγ, dβ, and dx's terms c0 = −k·Σdy/N, b2 = −k·s·Σdy·x̂/N."""
+def centered_grad_kernel(s1_ptr, s2_ptr, k_ptr, inv_ptr, r_ptr, d_ptr, dw_ptr, db_ptr, c0_ptr, b2_ptr, G, C, K,
+                         count, BLOCK_C: tl.constexpr):
+    """BN / BRN backward statistics from the chunk partials: dγ, dβ, and dx's terms c0 = −k·Σdy/N,
+    b2 = −k·s·Σdy·x̂/N."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     dw = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     for g in range(0, G):
-        s1 = tl.load(s1_ptr + g * C + c, mask=cm, other=0.0)
+        s1 = _chunk_sum(s1_ptr, g, K, c, C)
         inv = tl.load(inv_ptr + g * C + c, mask=cm, other=0.0)
-        s2 = tl.load(s2_ptr + g * C + c, mask=cm, other=0.0) * inv  # Σ dy·x̂
+        s2 = _chunk_sum(s2_ptr, g, K, c, C) * inv  # Σ dy·x̂
         k = tl.load(k_ptr + g * C + c, mask=cm, other=0.0)
         dw += tl.load(r_ptr + g * C + c, mask=cm, other=0.0) * s2 + tl.load(d_ptr + g * C + c, mask=cm,
                                                                             other=0.0) * s1
