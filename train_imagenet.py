@@ -7,6 +7,7 @@ data, model, optimizer -> mabn.loop.TrainLoop -> summary.json. Orchestrates; com
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,16 +21,16 @@ from torch import nn
 from mabn import dist, rundir
 from mabn.checkpoint import Checkpoint, Checkpointer
 from mabn.checkpoint import read as read_checkpoint
-from mabn.config import BatchPlan, ConfigError, validate
+from mabn.config import ConfigError, statistics_plan, validate
 from mabn.data import dataset_spec
 from mabn.data.loaders import build_datasets, build_loaders, iters_per_epoch, skipped_images
 from mabn.diagnostics import BatchStatsTracer
-from mabn.engine import StepContext
+from mabn.engine import StepContext, compile_model
 from mabn.entry import RunFacts, amp_dtype, config_failure, finish, precise_bn_seed, run_job
 from mabn.graphs import GraphedStep
 from mabn.loop import Outcome, Parts, Settings, TrainLoop
 from mabn.models import build_model
-from mabn.norms import build_norm
+from mabn.norms import NormContext, build_norm
 from mabn.optim import build_optimizer, linear_scaled_lr, lr_lambda
 from mabn.preemption import StopSignals
 from mabn.records import RunRecorder, truncate_jsonl
@@ -49,7 +50,7 @@ def main(cfg: DictConfig) -> int:
     return finish(run_job(lambda stops: run(cfg, plan, info, stops, experiment), run_dir))
 
 
-def run(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, stops: StopSignals, experiment: str | None = None
+def run(cfg: DictConfig, plan: NormContext, info: dist.DistInfo, stops: StopSignals, experiment: str | None = None
         ) -> int:
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpointer = Checkpointer(Path(cfg.run.dir) / "checkpoints", cfg.train.keep_last)
@@ -134,7 +135,7 @@ def _claim_on_rank0(cfg: DictConfig, config: dict, checkpointer: Checkpointer, l
     return saved, changes
 
 
-def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, lr: float):
+def build(cfg: DictConfig, plan: NormContext, info: dist.DistInfo, lr: float):
     """The loop's parts and settings (the optimizer at ``lr``), the norm recipe and the datasets (for their
     skip counts)."""
     device = info.device
@@ -142,8 +143,9 @@ def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, lr: float):
     loader_args = dict(batch_size=plan.device_batch, workers=cfg.data.workers, rank=info.rank,
                        world_size=info.world_size, pin_memory=device.type == "cuda")
     train_loader, val_loader, sampler = build_loaders(train_ds, val_ds, seed=cfg.seed, **loader_args)
+    stats_plan = statistics_plan(cfg)
     precise_loader = build_loaders(train_ds, val_ds, seed=precise_bn_seed(cfg.seed), **loader_args)[0] \
-        if cfg.train.precise_bn_batches else None
+        if stats_plan.precise_when != "never" else None
     ipe = iters_per_epoch(sampler, cfg.train.max_iters_per_epoch)
     recipe = build_norm(OmegaConf.to_container(cfg.norm, resolve=True), plan.norm_context(cfg.epochs * ipe))
     options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
@@ -165,7 +167,7 @@ def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, lr: float):
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if cfg.train.compile:
-        net = torch.compile(net)
+        net = compile_model(net, channels_last=channels_last)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     tracer = BatchStatsTracer(model, Path(cfg.run.dir) / "diag_batch_stats.jsonl", enabled=info.is_main) \
         if cfg.diag.batch_stats else None  # off: not a single hook is registered
@@ -174,9 +176,13 @@ def build(cfg: DictConfig, plan: BatchPlan, info: dist.DistInfo, lr: float):
     step = GraphedStep(net, optimizer, criterion, ctx) if graphs else None  # validated: one GPU, no compile
     parts = Parts(model, net, optimizer, scheduler, criterion, ctx, train_loader, val_loader, sampler,
                   precise_loader, tracer, step)
+    freeze_iter = None if stats_plan.freeze_from is None else math.ceil(stats_plan.freeze_from * cfg.epochs * ipe)
     settings = Settings(cfg.epochs, ipe, cfg.train.log_every, cfg.train.ckpt_every_iters,
-                        cfg.train.stop_after_iters, cfg.train.eval_max_batches, cfg.train.precise_bn_batches,
-                        cfg.diag.every)
+                        cfg.train.stop_after_iters, cfg.train.eval_max_batches, cfg.diag.every,
+                        precise_when=stats_plan.precise_when, precise_batches=stats_plan.precise_batches,
+                        precise_images=stats_plan.precise_images, batch_stats_eval="batch" in stats_plan.norm_stats,
+                        batch_group=plan.norm_batch, freeze_from_iter=freeze_iter,
+                        headline="ema" if stats_plan.norm_stats[0] == "population" else "batch")
     return parts, settings, recipe, (train_ds, val_ds)
 
 
@@ -201,16 +207,28 @@ def _summarize(outcome: Outcome, loop: TrainLoop, recorder: RunRecorder, facts: 
             print(f"already finished: records in {recorder.run_dir} kept as they are", flush=True)
     else:
         final = state["last_eval"]
-        inference = (f"precise_bn over {loop.s.precise_bn_batches} batches per rank, each epoch (top1_precise); "
-                     "running averages (top1)" if loop.s.precise_bn_batches else "running averages")
         recorder.write_summary(facts(
             **common, status="finished", top1=final["top1"], top5=final["top5"], val_loss=final["loss"],
             best_top1=state["best_top1"], val_count=final["count"], top1_precise=final.get("precise_top1"),
-            top5_precise=final.get("precise_top5"), inference_stats=inference))
+            top5_precise=final.get("precise_top5"), inference_stats=_inference_stats(loop.s),
+            evals=final.get("evals", []), norms_frozen_at=state.get("norms_frozen_at")))
         if info.is_main:
             print(f"done: top1 {final['top1']:.2f} top5 {final['top5']:.2f}; records in {recorder.run_dir}",
                   flush=True)
     recorder.close()
+
+
+def _inference_stats(s) -> str:
+    """What the summary's top1 (and top1_precise) were evaluated with, in words."""
+    words = ("running averages" if s.headline == "ema" else
+             f"mini-batch statistics of groups of {s.batch_group} test samples") + " (top1)"
+    if s.precise_when != "never":
+        words += (f"; precise_bn at estimation batch {s.precise_batches[0] or 'the device batch'} over "
+                  f"{s.precise_images or 'all'} images, {'each epoch' if s.precise_when == 'epoch' else 'at the end'}"
+                  f" (top1_precise)")
+    if s.freeze_from_iter is not None:
+        words += f"; norms frozen from iteration {s.freeze_from_iter}"
+    return words
 
 
 def _progress(mode: str, enabled: bool):

@@ -169,3 +169,14 @@ def evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, ctx: Step
     if not math.isfinite(loss):
         raise NonFiniteError(f"non-finite validation loss {loss / count}")
     return {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "count": int(count)}
+
+
+def compile_model(net: nn.Module, *, channels_last: bool) -> nn.Module:
+    """``torch.compile(net)``, keeping the memory format the run chose: with channels_last off, inductor's own
+    switch of conv layouts to NHWC is off too (on AVX2-only CPUs torch 2.14's oneDNN 3.12 aborts in an NHWC
+    strided 1x1 conv backward, "double free or corruption": README, Known issues)."""
+    if not channels_last:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.layout_optimization = False
+    return torch.compile(net)

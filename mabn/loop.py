@@ -7,8 +7,6 @@ config: it builds the parts and hands them over in a ``Parts``.
 
 from __future__ import annotations
 
-import copy
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +25,8 @@ from .checkpoint import (
     set_rng_state,
 )
 from .engine import NonFiniteError, StepContext, evaluate, train_one_epoch
-from .norms import batch_dependent_types
-from .precise_bn import recompute_norm_stats
+from .norms import batch_dependent_types, protocol
+from .precise_bn import evaluate_statistics
 from .preemption import EXIT_PREEMPTED, StopSignals
 
 EXIT_NONFINITE = 3  # exit code of a diverged run (train_coco.py uses the same, through mabn.entry)
@@ -45,8 +43,17 @@ class Settings:
     ckpt_every: int
     stop_after: int | None = None
     eval_max_batches: int | None = None
-    precise_bn_batches: int = 0
     trace_every: int = 100
+    # PreciseBN (train.precise_bn): never, at the end, or after every epoch, at each estimation batch B over
+    # N images (None: the loader's batches / every image)
+    precise_when: str = "never"
+    precise_batches: tuple = (128,)
+    precise_images: int | None = 10000
+    # evaluations also made with mini-batch statistics, in groups of batch_group test samples (eval.norm_stats)
+    batch_stats_eval: bool = False
+    batch_group: int | None = None
+    headline: str = "ema"  # what top1 reports: ema (running averages) or batch
+    freeze_from_iter: int | None = None  # train.freeze_norms_from as an iteration (None: never)
 
 
 @dataclass
@@ -89,6 +96,7 @@ class TrainLoop:
                       "last_eval": None, "changes": []}
         self._started, self._steps, self._stop = time.time(), 0, (0, False)
         self._was_over = False
+        self._frozen: list = []  # hooks holding the batch-dependent norms at their eval map (freeze_from_iter)
         self.scaler = parts.ctx.scaler
 
     @property
@@ -157,6 +165,7 @@ class TrainLoop:
     def fit(self) -> Outcome:
         """Train to the last epoch, or until a stop or a divergence."""
         self._was_over = self.state["epoch"] >= self.s.epochs
+        self._maybe_freeze(self.state["iter"])  # a resumed run past the point trains frozen again
         try:
             while self.state["epoch"] < self.s.epochs:
                 if self._train_epoch():
@@ -204,28 +213,56 @@ class TrainLoop:
         signum = self.stops.signum
         if self.info.world_size > 1:  # a signal seen by any rank stops all of them, with its name
             signum = int(dist.all_reduce_max(torch.tensor([signum], device=self.p.ctx.device)).item())
+        self._maybe_freeze(it)
         requested = self.s.stop_after is not None and self._steps >= self.s.stop_after
         self._stop = (signum, requested)
         if signum or requested or it % self.s.ckpt_every == 0:
             self.save()
         return bool(signum or requested)
 
+    def _maybe_freeze(self, it: int) -> None:
+        """From iteration ``freeze_from_iter`` on, every batch-dependent norm trains with its eval map
+        (population statistics; its affine still learns): Wu & Johnson's "frozen BN" treatment."""
+        if self.s.freeze_from_iter is None or it < self.s.freeze_from_iter or self._frozen:
+            return
+        self._frozen = protocol.freeze_statistics(self.p.model)
+        self.state["norms_frozen_at"] = self.state.get("norms_frozen_at") or it
+        if self.info.is_main:
+            print(f"iteration {it}: {len(self._frozen)} batch-dependent norm layers frozen at their population "
+                  f"statistics for the rest of training", flush=True)
+
+    def _evaluations(self, last: bool) -> list[dict]:
+        """This epoch's evaluations: the running averages, mini-batch statistics, recomputed statistics."""
+        def run(model):
+            return evaluate(model, self.p.val_loader, self.p.criterion, self.p.ctx, self.s.eval_max_batches)
+
+        rows = [{"stats": "ema", **run(self.p.net)}]
+        if self.s.batch_stats_eval:
+            rows.append(evaluate_statistics(self.p.model, run, stats="batch", group_size=self.s.batch_group))
+        if self.s.precise_when == "epoch" or (self.s.precise_when == "end" and last):
+            for b in self.s.precise_batches:  # the same weights with recomputed statistics, on a copy
+                self.p.precise_loader.sampler.set_epoch(self.state["epoch"])
+                rows.append(evaluate_statistics(self.p.model, run, stats="precise", batches=self.p.precise_loader,
+                                                batch_size=b, max_images=self.s.precise_images,
+                                                device=self.p.ctx.device))
+        return rows
+
     def _evaluate_epoch(self) -> None:
-        """Validation (and recomputed statistics) at an epoch end, then the epoch's checkpoint."""
+        """Validation (and the other treatments of the statistics) at an epoch end, then the checkpoint."""
         epoch = self.state["epoch"]
-        metrics = evaluate(self.p.net, self.p.val_loader, self.p.criterion, self.p.ctx, self.s.eval_max_batches)
-        if self.s.precise_bn_batches:  # the same weights with recomputed statistics, on a copy
-            recomputed = copy.deepcopy(self.p.model)
-            self.p.precise_loader.sampler.set_epoch(epoch)
-            batches = itertools.islice(self.p.precise_loader, self.s.precise_bn_batches)
-            recompute_norm_stats(recomputed, batches, self.p.ctx.device)
-            precise = evaluate(recomputed, self.p.val_loader, self.p.criterion, self.p.ctx, self.s.eval_max_batches)
-            metrics.update({f"precise_{k}": v for k, v in precise.items() if k != "count"})
+        rows = self._evaluations(last=epoch + 1 == self.s.epochs)
+        headline = next(r for r in rows if r["stats"] == self.s.headline)
+        metrics = {k: v for k, v in headline.items() if k in ("loss", "top1", "top5", "count")}
+        for row in rows:
+            if row["stats"] == "precise" and "precise_top1" not in metrics:  # the first B: what top1_precise is
+                metrics.update({f"precise_{k}": row[k] for k in ("loss", "top1", "top5")})
+        metrics["evals"] = rows
         best = self.state["best_top1"] is None or metrics["top1"] > self.state["best_top1"]
         self.state["best_top1"] = max(metrics["top1"], self.state["best_top1"] or 0.0)
         self.state["last_eval"] = metrics
         self.recorder.log({"iter": self.state["iter"], "epoch": epoch + 1,
-                           **{f"val/{k}": v for k, v in metrics.items()}})
+                           **{f"val/{k}": v for k, v in metrics.items() if k != "evals"},
+                           **{f"val/{_eval_name(r)}/top1": r["top1"] for r in rows}})
         if self.info.is_main:
             extra = f" (recomputed statistics: top1 {metrics['precise_top1']:.2f})" if "precise_top1" in metrics else ""
             print(f"epoch {epoch + 1}/{self.s.epochs}: val top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f} "
@@ -238,3 +275,12 @@ class TrainLoop:
         why = self.stops.describe(signum) if signum else "train.stop_after_iters"
         message = f"stopped by {why} at iteration {self.state['iter']}; checkpoint {self.ckpt.last}"
         return Outcome("stopped", EXIT_PREEMPTED if signum else 0, message, self.state)
+
+
+def _eval_name(row: dict) -> str:
+    """A metric name for one evaluation: ema, batch_n2, precise_B128_N10000."""
+    if row["stats"] == "batch":
+        return f"batch_n{row['batch']}" if row["batch"] else "batch"
+    if row["stats"] == "precise":
+        return f"precise_B{row['batch'] or 'loader'}_N{row['images']}"
+    return row["stats"]

@@ -20,5 +20,5 @@ done
 "$PY" scripts/plot_batch_stats.py "$RUNS"/fmnist-*/ --out "$OUT"
 "$PY" scripts/estimation_shift.py "$RUNS"/fmnist-*/checkpoints/last.pt --batches 100 --out "$OUT"
 for run in "$RUNS"/fmnist-*/; do
-  "$PY" scripts/precise_bn.py "$run/checkpoints/last.pt" --batches 100 --out "$OUT/precise_bn/$(basename "$run").json"
+  "$PY" scripts/precise_bn.py "$run/checkpoints/last.pt" --batch n 128 --images 3200 --out "$OUT/precise_bn/$(basename "$run").json"
 done

@@ -139,11 +139,11 @@ def test_wandb_offline_writes_a_run(tmp_path, data_root):
 
 @pytest.mark.parametrize("args, message", [
     (["data=imagenet", "data.root=/nonexistent", "batch=8"], "ImageFolder layout"),
-    (["batch=3"], "batch=3 does not divide the device batch data.batch_size=8"),
-    (["batch=16"], "batch=16 is larger than the device batch data.batch_size=8"),
+    (["batch=3"], "batch=3, data.batch_size=8: normalization batch 3 does not divide the device batch 8"),
+    (["batch=16"], "batch=16, data.batch_size=8: normalization batch 16 does not divide the device batch 8"),
     (["norm.name=nope"], "unknown norm 'nope'; registered norms: bn, brn"),
     (["batch=0"], "batch must be a positive integer, got 0"),
-    (["norm=syncbn", "batch=2"], "norm=syncbn normalizes over the global batch"),
+    (["norm=syncbn", "batch=2"], "syncbn normalizes over the global batch"),
 ])
 def test_bad_config_named_before_training(args, message, tmp_path, data_root):
     out = train(args, tmp_path, data_root, check=False)
@@ -209,13 +209,33 @@ def test_joblib_launcher_runs_cells_in_parallel_processes(tmp_path, data_root):
         assert json.loads((d / "summary.json").read_text())["status"] == "finished"
 
 
-def test_precise_bn_evaluation_is_recorded(tmp_path, data_root):
-    out = train(["norm=mabn", "batch=2", "epochs=1", "train.precise_bn_batches=2"], tmp_path, data_root)
-    assert "recomputed statistics: top1" in out.stdout
+def test_the_three_treatments_of_inference_statistics_are_recorded(tmp_path, data_root):
+    """PreciseBN at two estimation batches, mini-batch statistics at test, and norms frozen for the second half:
+    one run, every evaluation in summary.json, the frozen norms' counters stopped where the records say."""
+    train(["norm=mabn", "batch=2", "epochs=1", "train.precise_bn.when=end", "train.precise_bn.batch=[2,8]",
+           "train.precise_bn.images=16", "eval.norm_stats=[population,batch]", "train.freeze_norms_from=0.5"],
+          tmp_path, data_root)
     d = run_dir(tmp_path)
     summary = json.loads((d / "summary.json").read_text())
-    assert summary["top1_precise"] is not None and summary["inference_stats"].startswith("precise_bn over 2")
-    assert any("val/precise_top1" in json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines())
+    rows = {(r["stats"], r.get("batch"), r.get("images")): r for r in summary["evals"]}
+    assert set(rows) == {("ema", None, None), ("batch", 2, None), ("precise", 2, 16), ("precise", 8, 16)}
+    assert summary["top1"] == rows["ema", None, None]["top1"]
+    assert summary["top1_precise"] == rows["precise", 2, 16]["top1"]
+    assert all(r["count"] == 16 for r in rows.values())
+    assert summary["norms_frozen_at"] == 1  # ceil(0.5 x 2 iterations)
+    state = torch.load(d / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    counters = {int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
+    assert counters == {4}  # one step of 4 normalization batches, then frozen: no batch statistics taken
+    line = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if "val/ema/top1" in x][-1]
+    assert line["val/precise_B8_N16/top1"] == rows["precise", 8, 16]["top1"]
+
+
+def test_batch_statistics_as_the_recorded_evaluation(tmp_path, data_root):
+    train(["norm=bn", "batch=2", "epochs=1", "eval.norm_stats=batch"], tmp_path, data_root)
+    summary = json.loads((run_dir(tmp_path) / "summary.json").read_text())
+    (batch,) = [r for r in summary["evals"] if r["stats"] == "batch"]
+    assert summary["top1"] == batch["top1"] and batch["batch"] == 2
+    assert summary["inference_stats"].startswith("mini-batch statistics of groups of 2")
 
 
 @pytest.mark.slow
