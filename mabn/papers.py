@@ -65,3 +65,40 @@ def reported_for(task: str, table: str) -> list[Reported]:
     if "finetune" in table:
         return [MABN_COCO_FINETUNE_BOX, MABN_COCO_FINETUNE_MASK]
     return [MABN_COCO_SCRATCH_BOX, MABN_COCO_SCRATCH_MASK]
+
+
+@dataclass(frozen=True)
+class TreatmentsReported:
+    """Wu & Johnson's numbers for the inference-statistics treatments: {column key: {n: value}}."""
+
+    columns: tuple      # (key, header)
+    values: dict        # {key: {n: float}}
+    approx: frozenset   # keys read off a figure (±0.2)
+    source: str
+
+    @property
+    def batches(self) -> list[int]:
+        return sorted({n for row in self.values.values() for n in row}, reverse=True)
+
+    def get(self, key: str, n: int) -> str:
+        value = self.values.get(key, {}).get(n)
+        if value is None:
+            return ""
+        return f"{'≈' if key in self.approx else ''}{value:g}"
+
+
+# Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021): ImageNet ResNet-50, 100 epochs, SGD batch 256, top-1
+# error (%) against the normalization batch (NBS). Table 2: EMA and PreciseBN over N = 10^4 samples at estimation
+# batch B. Fig. 6 (read off, ±0.2): population statistics against NBS, BN frozen for the last 20 epochs, and
+# mini-batch statistics at test.
+WU_JOHNSON = TreatmentsReported(
+    columns=(("ema", "EMA"), ("b2", "B = 2"), ("b10", "B = 10"), ("b100", "B = 100"), ("b1000", "B = 1000"),
+             ("bN", "B = N"), ("population", "Fig. 6 population stats"), ("frozen", "frozen last 20 %"),
+             ("batch", "batch stats at test")),
+    values={"ema": {32: 23.7, 2: 35.5}, "b2": {32: 28.8, 2: 34.4}, "b10": {32: 24.0, 2: 32.3},
+            "b100": {32: 23.5, 2: 32.0}, "b1000": {32: 23.5, 2: 32.0}, "bN": {32: 23.5, 2: 32.0},
+            "population": {32: 23.4, 16: 23.5, 8: 24.3, 4: 26.4, 2: 32.5},
+            "frozen": {32: 24.3, 2: 25.2}, "batch": {32: 24.5, 2: 26.0}},
+    approx=frozenset({"population", "frozen", "batch"}),
+    source="Wu & Johnson 2021, Table 2 (EMA, B = ...) and Fig. 6 (≈: read off the figure, ±0.2). Their NBS is "
+           "this table's n; N = 10⁴ training images.")

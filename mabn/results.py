@@ -16,6 +16,8 @@ from pathlib import Path
 
 from mabn.norms.registry import norm_variant
 from mabn.papers import Reported, reported_for
+from mabn.statistics_table import is_statistics_table
+from mabn.statistics_table import render as render_statistics
 
 # The metrics a table shows, per task: (summary key, header, lower is better). Classification tables show
 # top-1 *error*, the papers' axis; a record holds top-1 accuracy and the error is 100 - it.
@@ -715,8 +717,12 @@ def make_tables(records_root: Path, out_dir: Path, plots: bool = True) -> list[P
     tables = load_tables(records_root)  # every record read and checked before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     for table, records in sorted(tables.items()):
-        figures = plot_table(table, records, out_dir / "figures") if plots else []
         path = out_dir / f"{table}.md"
+        if is_statistics_table(records):  # Wu & Johnson's treatments of the statistics: its own layout
+            path.write_text(render_statistics(table, records, _settings(records), _provenance(records)))
+            written.append(path)
+            continue
+        figures = plot_table(table, records, out_dir / "figures") if plots else []
         longer = next(((name, tables[name]) for name, base in LONGER_OF.items() if base == table and name in tables),
                       None)
         path.write_text(render_table(table, records, [f"figures/{f}" for f in figures],
