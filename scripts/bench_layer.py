@@ -14,6 +14,13 @@ plus the Triton launches the fused path reports through ``note_launch``), summed
 naive baseline; the target is at most 4 + 4 per layer for mabn, brn and grouped bn. The batch-free later
 norms (ln, in, gnws, evonorm_s0, frn) are timed on the whole batch; cbn only in bench_model.py, where its
 paired convs are.
+
+``--variants fused,torch,compiled`` times bn, brn and mabn on each path (``impl="fused"``: the Triton kernels;
+``impl="torch"``: the PyTorch reference path; ``compiled``: the torch path under ``torch.compile(dynamic=True)``)
+instead of the default ``impl="auto"``, labelled ``mabn[fused]`` and so on. Bandwidth: each shape also times a
+plain copy of x (``copy``: 2 passes); ``gb_s`` is the bytes a forward+backward must move at the least (5 passes
+of x's size: x, y; dy, x, dx) over the row's time, and ``of_copy`` that over the copy's achieved bandwidth in
+the same run: the share of the memory floor reached.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ RESNET50_SHAPES = [(64, 112, 1), (64, 56, 6), (256, 56, 4), (128, 56, 1), (128, 
 SMALL_SHAPES = [(16, 8, 2), (32, 4, 1)]  # for the tests
 # cbn is timed in bench_model only: its Taylor terms need the paired conv, alone it is grouped BN
 BATCH_FREE = ("ln", "in", "gnws", "evonorm_s0", "frn")
+VARIANTS = ("auto", "fused", "torch", "compiled")
+FLOOR_PASSES = 5  # tensor passes of a norm's forward + backward at the least: x, y; dy, x, dx
 
 
 class _NaiveMABNStep(torch.autograd.Function):
@@ -114,17 +123,30 @@ def sequential_step(layer: nn.Module, x: Tensor, dy: Tensor, n: int) -> None:
         layer(x[start:start + n]).backward(dy[start:start + n])
 
 
-def candidates(norm_batch: int, batch: int, window: int) -> list[tuple[str, int, callable]]:
+def _compiled(ctor):
+    """The torch path of ``ctor``'s layer under torch.compile (dynamic shapes: one compile serves every shape)."""
+    def build(channels):
+        layer = ctor(channels)
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+        return layer
+    return build
+
+
+def candidates(norm_batch: int, batch: int, window: int, variants=("auto",)) -> list[tuple[str, int, callable]]:
     """(label, normalization batch, constructor) for every layer timed; the first is the baseline."""
     ctx_n = NormContext(norm_batch=norm_batch, device_batch=batch)
     ctx_all = NormContext(norm_batch=batch, device_batch=batch)
     # ResNet-50 recipes (brn's and mabn's schedules at their defaults; timing runs past warm-up: see run())
     out = [("torch-bn", batch, nn.BatchNorm2d)]
     for name in ("bn", "brn", "mabn"):
-        params = {"name": name, "window": window} if name == "mabn" else name
-        out.append((name, batch, build_norm(params, ctx_all).ctor))
-        if norm_batch != batch:
-            out.append((name, norm_batch, build_norm(params, ctx_n).ctor))
+        for variant in variants:
+            params = {"name": name, "impl": "torch" if variant == "compiled" else variant}
+            if name == "mabn":
+                params["window"] = window
+            label = name if variant == "auto" else f"{name}[{variant}]"
+            for n, ctx in ((batch, ctx_all), (norm_batch, ctx_n))[:1 if norm_batch == batch else 2]:
+                ctor = build_norm(params, ctx).ctor
+                out.append((label, n, _compiled(ctor) if variant == "compiled" else ctor))
     out.append(("gn", batch, build_norm("gn").ctor))
     for name in BATCH_FREE:  # the later norms that need no batch (gnws: GN here, WS lives in the conv)
         out.append((name, batch, build_norm(name).ctor))
@@ -178,6 +200,12 @@ def run(args) -> list[dict]:
     shapes = RESNET50_SHAPES if args.shapes == "resnet50" else SMALL_SHAPES
     if args.batch % args.norm_batch:
         raise ValueError(f"--norm-batch {args.norm_batch} must divide --batch {args.batch}")
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if not variants or set(variants) - set(VARIANTS):
+        raise ValueError(f"--variants must be a comma-separated list of {', '.join(VARIANTS)}, got {args.variants!r}")
+    if "fused" in variants and device.type != "cuda":
+        raise ValueError("--variants fused needs a CUDA device (the Triton kernels; on CPU only under the "
+                         "interpreter, which the tests use, not the benchmarks)")
     torch.manual_seed(0)
     rows = []
     totals: dict[tuple[str, int], dict] = {}
@@ -188,8 +216,14 @@ def run(args) -> list[dict]:
         x = x.contiguous(memory_format=fmt)
         x.requires_grad_(True)
         dy = torch.randn_like(x)
+        out = torch.empty_like(x)
+        copy = time_ms(lambda: out.copy_(x), device, repeats=args.repeats, warmup=args.warmup)["median_ms"]
+        nbytes = x.numel() * x.element_size()
+        copy_gbs = 2 * nbytes / copy / 1e6
+        rows.append({"shape": f"{channels}x{size}x{size}", "norm": "copy", "n": None, "ms": copy,
+                     "gb_s": copy_gbs, "of_copy": 1.0, "launches_fwd": None, "launches_bwd": None})
         base = None
-        for label, n, ctor in candidates(args.norm_batch, args.batch, args.window):
+        for label, n, ctor in candidates(args.norm_batch, args.batch, args.window, variants):
             layer = ctor(channels).to(device)
             _past_schedules(layer)
             layer.train()
@@ -198,17 +232,21 @@ def run(args) -> list[dict]:
             step = _train_step(layer, x, dy, n, naive, device, dtype)
             t = time_ms(step, device, repeats=args.repeats, warmup=args.warmup)
             forward = None if naive else functools.partial(layer, x)
-            fwd, bwd = launches(layer, x, dy, n, naive, device, dtype)
+            # a compiled layer launches inductor's kernels, which the aten-op counter cannot see: not counted
+            fwd, bwd = (None, None) if label.endswith("[compiled]") else launches(layer, x, dy, n, naive, device,
+                                                                                  dtype)
             row = {"shape": f"{channels}x{size}x{size}", "norm": label, "n": n, "ms": t["median_ms"],
                    "saved_mb": saved_for_backward_mb(forward) if forward else None,
                    "cuda_peak_mb": cuda_peak_mb(step, device), "launches_fwd": fwd, "launches_bwd": bwd}
             base = base or row["ms"]
             row["ratio"] = row["ms"] / base
+            row["gb_s"] = FLOOR_PASSES * nbytes / row["ms"] / 1e6
+            row["of_copy"] = row["gb_s"] / copy_gbs
             rows.append(row)
             total = totals.setdefault((label, n), {"shape": f"{args.shapes} (all {layers})", "norm": label,
                                                    "n": n, "ms": 0.0, "launches_fwd": 0, "launches_bwd": 0})
             for key in ("ms", "launches_fwd", "launches_bwd"):
-                total[key] += count * row[key]
+                total[key] = None if row[key] is None else total[key] + count * row[key]
     base_total = totals[("torch-bn", args.batch)]["ms"]
     for total in totals.values():
         total["ratio"] = total["ms"] / base_total
@@ -222,11 +260,13 @@ def main(argv=None) -> int:
     p.add_argument("--norm-batch", type=int, default=2, help="normalization batch n of the grouped rows")
     p.add_argument("--window", type=int, default=16, help="MABN window m (the paper's 16 at n = 2)")
     p.add_argument("--shapes", default="resnet50", choices=["resnet50", "small"])
+    p.add_argument("--variants", default="auto",
+                   help=f"paths of bn, brn and mabn timed, comma-separated: {', '.join(VARIANTS)}")
     args = p.parse_args(argv)
     return run_and_record(p, args, "layer", run,
-                          settings=["batch", "norm_batch", "window", "shapes", "repeats", "warmup"],
-                          columns=["shape", "norm", "n", "ms", "ratio", "saved_mb", "cuda_peak_mb",
-                                   "launches_fwd", "launches_bwd"])
+                          settings=["batch", "norm_batch", "window", "shapes", "repeats", "warmup", "variants"],
+                          columns=["shape", "norm", "n", "ms", "ratio", "gb_s", "of_copy", "saved_mb",
+                                   "cuda_peak_mb", "launches_fwd", "launches_bwd"])
 
 
 if __name__ == "__main__":

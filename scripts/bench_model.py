@@ -11,6 +11,11 @@ grouped rows is their img/s over that true-small-batch row of the same norm. On 
 row also runs with the whole step captured as one CUDA graph (``mabn.graphs.GraphedStep``, fused SGD);
 ``graph_speedup`` is its img/s over the eager row. ``launches`` counts the kernel-launching aten ops of one
 eager step (``mabn.launches``; a graphed step launches its graph and the two input copies).
+
+A norm may name its path, as in bench_layer.py: ``mabn[fused]`` (the Triton kernels), ``mabn[torch]`` (the
+PyTorch reference path) or ``mabn[compiled]`` (the torch path, the whole model under ``torch.compile``), for
+bn, brn and mabn; plain ``mabn`` is ``impl="auto"``. bn at the whole batch is ``nn.BatchNorm2d``'s own kernel
+(cuDNN on a GPU) on every path but compiled.
 """
 
 from __future__ import annotations
@@ -40,11 +45,27 @@ from mabn.norms import NormContext, build_norm
 from mabn.optim import build_optimizer
 
 NORMS = ("bn", "gn", "brn", "mabn", "cbn", "gnws", "evonorm_s0", "frn", "ln", "in")  # bn first: the baseline
+PATHS = ("fused", "torch", "compiled")  # mabn[fused] ...: for the norms with a fused path
+WITH_PATHS = ("bn", "brn", "mabn")
+
+
+def parse_norm(label: str) -> tuple[str, str | None]:
+    """("mabn", "fused") for "mabn[fused]", ("mabn", None) for "mabn"; ValueError naming what is valid."""
+    base, _, rest = label.partition("[")
+    path = rest[:-1] if rest.endswith("]") else (rest or None)
+    if base not in NORMS:
+        raise ValueError(f"unknown {[label]}; choose from {list(NORMS)}")
+    if path is not None and (path not in PATHS or base not in WITH_PATHS or not rest.endswith("]")):
+        raise ValueError(f"{label!r}: a path is one of {', '.join(PATHS)}, for {', '.join(WITH_PATHS)} only "
+                         f"(as in mabn[fused])")
+    return base, path
 
 
 def build(norm: str, n: int, batch: int, model_name: str, device, channels_last: bool,
           capturable: bool = False):
-    recipe = build_norm(norm, NormContext(norm_batch=n, device_batch=batch, total_iters=1))
+    base, path = parse_norm(norm)
+    params = base if path is None else {"name": base, "impl": "torch" if path == "compiled" else path}
+    recipe = build_norm(params, NormContext(norm_batch=n, device_batch=batch, total_iters=1))
     model = build_model(model_name, recipe, num_classes=1000, in_channels=3)  # with MABN's weight centering
     for m in model.modules():  # the steady state of a long run: warm-ups and ramps are over
         for attr in ("warmup_iters", "renorm_iters", "r_max_iters", "d_max_iters"):
@@ -55,12 +76,13 @@ def build(norm: str, n: int, batch: int, model_name: str, device, channels_last:
         model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4,
                                   "norm_weight_decay": 0.0, "nesterov": False}, 0.01, capturable=capturable)
-    return model, opt
+    return (torch.compile(model) if path == "compiled" else model), opt
 
 
 def measure(args, norm: str, n: int, batch: int, device, dtype, channels_last: bool, graphed: bool = False
             ) -> dict:
     model, opt = build(norm, n, batch, args.model, device, channels_last, capturable=graphed)
+    compiled = norm.endswith("[compiled]")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), device=device)
@@ -85,7 +107,8 @@ def measure(args, norm: str, n: int, batch: int, device, dtype, channels_last: b
     return {"norm": norm, "batch": batch, "n": n, "mode": "grouped" if n < batch else "whole batch",
             "ms": t["median_ms"], "img_s": batch / t["median_ms"] * 1e3,
             "saved_mb": saved_for_backward_mb(forward), "cuda_peak_mb": cuda_peak_mb(step, device),
-            "launches": count_launches(step) + (1 if graphed else 0)}
+            # a compiled step launches inductor's kernels, which the aten-op counter cannot see: not counted
+            "launches": None if compiled else count_launches(step) + (1 if graphed else 0)}
 
 
 def run(args) -> list[dict]:
@@ -100,7 +123,7 @@ def run(args) -> list[dict]:
                 raise ValueError(f"normalization batch {n} must divide the device batch {batch}")
             base = None
             for norm in args.norms:
-                free = not build_norm(norm, NormContext(device_batch=batch)).batch_dependent
+                free = not build_norm(parse_norm(norm)[0], NormContext(device_batch=batch)).batch_dependent
                 if free and n != args.norm_batches[0]:
                     continue  # batch-free: one row per device batch
                 row = measure(args, norm, n, batch, device, dtype, channels_last)
@@ -128,6 +151,11 @@ def run(args) -> list[dict]:
     return rows
 
 
+def parse_norm_or_none(label: str) -> str:
+    """The base name of a label, for the unknown-name message."""
+    return label.partition("[")[0]
+
+
 def main(argv=None) -> int:
     p = parser(__doc__, "model", repeats=5, warmup=2)
     p.add_argument("--model", default="resnet50")
@@ -143,9 +171,17 @@ def main(argv=None) -> int:
     args.norms = [s for s in args.norms.split(",") if s]
     args.graphs = args.graphs == "true"
     for flag, names in (("--norms", args.norms), ("--small-norms", args.small_norms)):
-        unknown = sorted(set(names) - set(NORMS))
+        unknown = sorted(set(parse_norm_or_none(n) for n in names) - set(NORMS) - {None})
         if unknown:
             p.error(f"{flag}: unknown {unknown}; choose from {list(NORMS)}")
+        for name in names:
+            try:
+                parse_norm(name)
+            except ValueError as err:
+                p.error(f"{flag}: {err}")
+    if any(parse_norm(n)[1] == "fused" for n in args.norms + args.small_norms) and \
+            pick_device(args.device).type != "cuda":
+        p.error("--norms: a [fused] path needs a CUDA device (the Triton kernels)")
     if args.norms[:1] != ["bn"]:
         p.error(f"--norms must start with bn (the baseline of the ratios), got {','.join(args.norms)}")
     return run_and_record(p, args, "model", run,

@@ -32,7 +32,7 @@ COMMANDS = {
 }
 COLUMNS = {
     "layer": [("shape", "shape"), ("norm", "norm"), ("n", "n"), ("ms", "fwd+bwd ms"), ("ratio", "x torch-bn"),
-              ("saved_mb", "saved for bwd MiB"), ("cuda_peak_mb", "CUDA peak MiB"),
+              ("gb_s", "GB/s at the floor"), ("of_copy", "x copy GB/s"), ("saved_mb", "saved for bwd MiB"), ("cuda_peak_mb", "CUDA peak MiB"),
               ("launches_fwd", "fwd launches"), ("launches_bwd", "bwd launches")],
     "model": [("norm", "norm"), ("batch", "device batch"), ("n", "n"), ("mode", "mode"), ("ms", "step ms"),
               ("img_s", "img/s"), ("ratio", "x bn time"), ("speedup", "img/s x true small batch"),
@@ -69,6 +69,7 @@ def _fmt(v) -> str:
 # absent from the records made before launches were counted
 LAUNCH_KEYS = ("launches_fwd", "launches_bwd", "launches")
 NOT_MEASURED = "not measured"
+BANDWIDTH_KEYS = ("gb_s", "of_copy")
 
 
 def _cell(row: dict, key: str) -> str:
@@ -170,31 +171,40 @@ def _graph_targets(model: dict | None) -> list[tuple[str, str, str]]:
 def _launch_targets(layer: dict) -> list[tuple[str, str, str]]:
     """At most 4 launches forward and 4 backward per layer (mabn, brn, grouped bn), judged per shape."""
     target = "<= 4 kernel launches forward + <= 4 backward per layer (mabn, brn, grouped bn)"
-    shapes = [r for r in layer["rows"] if not r["shape"].endswith(")") and r["norm"] in ("mabn", "brn", "bn")]
-    shapes = [r for r in shapes if r["norm"] != "bn" or r["n"] < layer["settings"]["batch"]]
+    # every path timed: "mabn" (impl=auto) or "mabn[fused]", "mabn[torch]", "mabn[compiled]" (--variants)
+    shapes = [r for r in layer["rows"] if not r["shape"].endswith(")") and _base(r["norm"]) in ("mabn", "brn", "bn")]
+    shapes = [r for r in shapes if _base(r["norm"]) != "bn" or r["n"] < layer["settings"]["batch"]]
     if not any("launches_fwd" in r for r in shapes):
         return [(target, f"{NOT_MEASURED}: this record predates launch counting; rerun "
                          f"`{COMMANDS['layer']}`", "open")]
     out = []
-    for norm in ("mabn", "brn", "bn"):
+    for norm in dict.fromkeys(r["norm"] for r in sorted(shapes, key=lambda r: ("mabn", "brn", "bn").index(
+            _base(r["norm"])))):
+        if norm.endswith("[compiled]"):
+            continue  # inductor's own kernels: the launch target is the hand-written paths'
         mine = [r for r in shapes if r["norm"] == norm]
         if mine:
             fwd, bwd = max(r["launches_fwd"] for r in mine), max(r["launches_bwd"] for r in mine)
-            what = "grouped bn" if norm == "bn" else norm
+            what = "grouped " + norm if _base(norm) == "bn" else norm
             out.append((f"{target}: {what}", f"worst shape {fwd} forward + {bwd} backward; {_where(layer)}",
                         _gpu_verdict(layer, fwd <= 4 and bwd <= 4)))
     return out
+
+
+def _base(label: str) -> str:
+    """The norm of a layer row's label: mabn for "mabn" and "mabn[fused]"."""
+    return label.split("[")[0]
 
 
 def _layer_targets(layer: dict) -> list[tuple[str, str, str]]:
     """The mabn layer against the eager sequential baseline (GPU) and against nn.BatchNorm2d (CPU)."""
     out = []
     totals = [r for r in layer["rows"] if r["shape"].endswith(")")]
-    for r in (r for r in totals if r["norm"] == "mabn"):
+    for r in (r for r in totals if _base(r["norm"]) == "mabn"):
         naive = next((x for x in totals if x["norm"] == "naive-mabn" and x["n"] == r["n"]), None)
         if naive:
             speed = naive["ms"] / r["ms"]
-            out.append((f"mabn layer >= 3x faster than the eager sequential baseline (n={r['n']})",
+            out.append((f"{r['norm']} layer >= 3x faster than the eager sequential baseline (n={r['n']})",
                         f"{speed:.1f}x over {r['shape']}; {_where(layer)}",
                         _gpu_verdict(layer, speed >= 3)))
     if not _on_cuda(layer):
@@ -205,6 +215,15 @@ def _layer_targets(layer: dict) -> list[tuple[str, str, str]]:
                         f"{r['ratio']:.2f}x over {r['shape']}, worst single shape {worst['shape']} "
                         f"{worst['ratio']:.2f}x; "
                         f"{_where(layer)}", "met" if max(r["ratio"], worst["ratio"]) <= 2 else "not met"))
+    shapes = [r for r in layer["rows"] if "of_copy" in r and not r["shape"].endswith(")")]
+    for label in dict.fromkeys(r["norm"] for r in shapes if _base(r["norm"]) in ("mabn", "torch-bn")):
+        for n in sorted({r["n"] for r in shapes if r["norm"] == label}):
+            mine = [r for r in shapes if r["norm"] == label and r["n"] == n]
+            big = max(mine, key=lambda r: r["gb_s"] / r["of_copy"] * r["ms"])  # the largest tensor
+            out.append((f"memory floor reached by {label} forward+backward (n={n}; reported)",
+                        f"{min(r['of_copy'] for r in mine):.0%}-{max(r['of_copy'] for r in mine):.0%} of a copy's "
+                        f"bandwidth at 5 passes over x across shapes, {big['of_copy']:.0%} at {big['shape']} "
+                        f"({big['gb_s']:.0f} GB/s); {_where(layer)}", "reported"))
     return out
 
 
@@ -248,7 +267,10 @@ def render(records: dict[str, dict]) -> str:
                   "- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
                   "- times are medians over the repeats; "
                   "ratios are to the baseline timed in the same run", ""]
-        lines += _table(record["rows"], COLUMNS[name])
+        # the bandwidth columns only where the record measured them (records from before the copy rows)
+        columns = [(k, h) for k, h in COLUMNS[name] if k not in BANDWIDTH_KEYS
+                   or any(k in r for r in record["rows"])]
+        lines += _table(record["rows"], columns)
         lines.append("")
     return "\n".join(lines)
 

@@ -31,6 +31,10 @@ def test_dry_run_lists_the_steps_in_order_within_8_minutes():
         script = name.replace("-", "_")
         assert f"scripts/{script}.py --device cuda" in commands[name]
     assert commands["performance-page"].endswith("scripts/make_performance.py")
+    # each norm shape and the whole step on every path (defaults: bf16 + channels_last on CUDA, batch 32, n 2/32)
+    assert "--variants fused,torch,compiled" in commands["bench-layer"]
+    assert all(f"mabn[{path}]" in commands["bench-model"] for path in ("fused", "torch", "compiled"))
+    assert "--norms 'bn," in commands["bench-model"]  # quoted against the shell's globbing; bn the baseline
     assert sum(limit for _, limit, _ in steps) <= 450  # + start-up: the whole check within 8 minutes
 
 
