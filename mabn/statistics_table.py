@@ -179,7 +179,7 @@ def claims(g: dict, small: int = 2, large: int = 32) -> list[str]:
         if d is None:
             continue
         rows.append(f"{norm}@{n} {_gap_text(d)}")
-        ok.append(None if d.half is None else (-PLATEAU_MARGIN <= d.low and d.high <= PLATEAU_MARGIN))
+        ok.append(None if d.half is None else (d.low >= -PLATEAU_MARGIN and d.high <= PLATEAU_MARGIN))
     plateau = None if not ok or None in ok else all(ok)
     out.append(f"2. B ≈ 100 reaches the plateau (Wu & Johnson: B = 100 equals B = N to 0.0 at both n): "
                f"{_verdict(plateau)}, judged as the paired interval of B = 100 − B = N inside ±{PLATEAU_MARGIN}: "

@@ -217,7 +217,8 @@ def run(args) -> list[dict]:
         x.requires_grad_(True)
         dy = torch.randn_like(x)
         out = torch.empty_like(x)
-        copy = time_ms(lambda: out.copy_(x), device, repeats=args.repeats, warmup=args.warmup)["median_ms"]
+        copy = time_ms(functools.partial(out.copy_, x), device, repeats=args.repeats,
+                       warmup=args.warmup)["median_ms"]
         nbytes = x.numel() * x.element_size()
         copy_gbs = 2 * nbytes / copy / 1e6
         rows.append({"shape": f"{channels}x{size}x{size}", "norm": "copy", "n": None, "ms": copy,

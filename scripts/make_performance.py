@@ -32,7 +32,8 @@ COMMANDS = {
 }
 COLUMNS = {
     "layer": [("shape", "shape"), ("norm", "norm"), ("n", "n"), ("ms", "fwd+bwd ms"), ("ratio", "x torch-bn"),
-              ("gb_s", "GB/s at the floor"), ("of_copy", "x copy GB/s"), ("saved_mb", "saved for bwd MiB"), ("cuda_peak_mb", "CUDA peak MiB"),
+              ("gb_s", "GB/s at the floor"), ("of_copy", "x copy GB/s"),
+              ("saved_mb", "saved for bwd MiB"), ("cuda_peak_mb", "CUDA peak MiB"),
               ("launches_fwd", "fwd launches"), ("launches_bwd", "bwd launches")],
     "model": [("norm", "norm"), ("batch", "device batch"), ("n", "n"), ("mode", "mode"), ("ms", "step ms"),
               ("img_s", "img/s"), ("ratio", "x bn time"), ("speedup", "img/s x true small batch"),
