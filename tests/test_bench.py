@@ -179,3 +179,20 @@ def test_bad_benchmark_arguments_are_named():
     assert res.returncode != 0 and "--norms: unknown ['wsbn']; choose from" in res.stderr
     res = _run("scripts/bench_model.py", "--norms", "mabn,bn")
     assert res.returncode != 0 and "--norms must start with bn (the baseline of the ratios), got mabn,bn" in res.stderr
+
+
+def test_the_committed_kernel_record_renders_every_kernel_for_both_architectures(tmp_path):
+    """results/performance/kernels.json (python -m mabn.norms._aot compile --record): every fused kernel, sm_80 and
+    sm_90, without spills, in its own section of the page."""
+    record = json.loads((ROOT / "results" / "performance" / "kernels.json").read_text())
+    from .test_fused_aot import KERNELS
+
+    assert record["benchmark"] == "kernels" and record["settings"]["arch"] == ["sm_80", "sm_90"]
+    assert {(r["kernel"], r["arch"]) for r in record["rows"]} == {(k, a) for k in KERNELS for a in ("sm_80", "sm_90")}
+    assert all(r["local"] == 0 and r["stack"] == 0 for r in record["rows"])
+    page = tmp_path / "performance.md"
+    assert _run("scripts/make_performance.py", "--out", page).returncode == 0
+    text = page.read_text()
+    assert "## Fused kernels compiled for real GPUs (no GPU involved)" in text
+    for kernel in KERNELS:
+        assert f"| {kernel} | sm_90 |" in text and f"| {kernel} | sm_80 |" in text

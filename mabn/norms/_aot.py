@@ -117,6 +117,9 @@ def main(argv=None) -> int:
     comp.add_argument("variants", type=Path)
     comp.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     comp.add_argument("--out", type=Path, default=None)
+    comp.add_argument("--record", type=Path, default=None,
+                      help="also write a benchmark-style record (results/performance/kernels.json: rendered by "
+                           "scripts/make_performance.py)")
     args = parser.parse_args(argv)
     if args.cmd == "capture":
         variants = capture_variants()
@@ -137,6 +140,15 @@ def main(argv=None) -> int:
                 failed.append(f"{v['kernel']} sm_{arch} {v['constexprs']}: spills ({row})")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.record and not failed:
+        import torch
+        import triton
+
+        from ..benchmark import write_record
+
+        write_record(args.record, "kernels", torch.device("cpu"),
+                     {"arch": [f"sm_{a}" for a in args.arch], "triton": triton.__version__, "variants": len(variants),
+                      "captured": str(args.variants)}, rows)
     print(f"{len(rows)} compiles of {len(variants)} variants for {', '.join(f'sm_{a}' for a in args.arch)}; "
           f"{len(failed)} failed")
     for line in failed:
