@@ -310,6 +310,31 @@ def test_imagenet_checkpoint_maps_into_the_detectron2_backbone(tmp_path):
     _assert_same_res5(net, det)
 
 
+@pytest.mark.parametrize("name", ["cbn", "brn"])
+def test_fine_tuning_restarts_every_batch_dependent_norm(name, tmp_path):
+    """cbn (rings, window, burn-in counter) and brn (schedule counter) from an ImageNet checkpoint: their history
+    restarts in the detectron2 backbone as mabn's does, their population statistics and affine are loaded."""
+    from mabn.d2.checkpoint import restartable_keys
+
+    net, _, path = _imagenet_resnet50(name, tmp_path)
+    mapped = torchvision_to_d2(net.state_dict())
+    det = build_mask_rcnn(build_norm(name, NormContext(norm_batch=2, device_batch=2)), num_classes=4,
+                          weights=str(path), **SMALL)
+    history = restartable_keys(det)
+    assert history and all(k.endswith("num_batches_tracked") or name == "cbn" for k in history)
+    if name == "cbn":
+        assert any("ring" in k or "window" in k for k in history), sorted(history)[:5]
+    det_state = det.state_dict()
+    fresh = build_mask_rcnn(build_norm(name, NormContext(norm_batch=2, device_batch=2)), num_classes=4,
+                            **SMALL).state_dict()
+    assert any(mapped[k].any() for k in history if k in mapped)  # there was history to restart
+    for key, value in mapped.items():
+        if key in history:
+            torch.testing.assert_close(det_state[key], fresh[key], rtol=0, atol=0, msg=f"{key}: restarted")
+        else:
+            torch.testing.assert_close(det_state[key], value, rtol=0, atol=0, msg=key)
+
+
 def test_checkpoint_of_another_norm_is_refused(tmp_path):
     _, _, path = _imagenet_resnet50("bn", tmp_path)
     with pytest.raises(ValueError, match="does not fit this backbone.*missing"):

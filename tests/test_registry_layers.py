@@ -190,3 +190,53 @@ def test_gn_caps_groups():
         build_norm({"name": "gn", "num_groups": 3})  # fails when the config is built, not mid-model
     with pytest.raises(ValueError, match="num_groups=3 must divide num_channels=16"):
         GroupNorm(16, num_groups=3)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_restart_makes_every_norm_a_fresh_layer_with_its_population_kept(name):
+    """protocol.restart (what fine-tuning from an ImageNet backbone does, d2/checkpoint.restart_norm_state):
+    counters, rings and windows as a fresh layer's, population statistics and affine kept; afterwards the layer
+    trains as a fresh one whose population statistics were loaded. Every registered norm: a batch-free or frozen
+    one has nothing to restart and stays as it is."""
+    from mabn.norms import protocol
+
+    torch.manual_seed(0)
+    ctx = NormContext(device_batch=8) if name == "syncbn" else CTX
+    recipe = build_norm(name, ctx)
+
+    def model():
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), recipe.ctor(8))
+        return recipe.prepare(net).double().train()  # cbn pairs with its conv, mabn centres it
+
+    trained, fresh = model(), model()
+    for _ in range(5):
+        trained(torch.randn(8, 3, 6, 6, dtype=torch.float64)).sum().backward()
+    norm = trained[1]
+    before = _snapshot(norm)
+    population = {id(t) for t in protocol.population(norm).values()}
+    kept = {k for k, t in norm.named_buffers() if id(t) in population}
+    protocol.restart(norm)
+    after = norm.state_dict()
+    restarted = set(after) - kept - {k for k, _ in norm.named_parameters()}
+    if name in recipe_free_names():
+        assert all(torch.equal(after[k], before[k]) for k in after), name
+    for key in kept | {k for k, _ in norm.named_parameters()}:
+        assert torch.equal(after[key], before[key]), f"{name}.{key}: kept on restart"
+    fresh_state = fresh[1].state_dict()
+    for key in restarted:
+        assert torch.equal(after[key], fresh_state[key].to(after[key].dtype)), f"{name}.{key}: as a fresh layer's"
+    # the same next steps as a fresh layer given these weights and population statistics
+    fresh.load_state_dict(trained.state_dict())
+    for layer in (fresh[1], trained[1]):
+        protocol.restart(layer)
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    for _ in range(2):
+        torch.testing.assert_close(trained(x), fresh(x), rtol=0, atol=0)
+    if name in ("mabn", "brn", "cbn", "bn"):
+        assert int(norm.num_batches_tracked) == 2 * 8 // 2, name  # counted from 0 again, per normalization batch
+
+
+def recipe_free_names():
+    """The registered norms with no batch history to restart."""
+    return {n for n in ALL if not build_norm(n, NormContext(device_batch=8) if n == "syncbn" else CTX).batch_dependent}
