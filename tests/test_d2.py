@@ -5,7 +5,7 @@ import torch
 
 d2 = pytest.importorskip("detectron2", reason="detectron2 not installed (MABN_D2_SOURCE=skip?)")
 
-from detectron2.config import get_cfg  # noqa: E402
+from detectron2.config import CfgNode, get_cfg  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d as D2FrozenBN  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -83,9 +83,12 @@ def test_lazy_config_puts_the_norm_where_the_paper_does(name):
     assert len(centered) == (mabn_count if name == "mabn" else 0)
 
 
-def _yacs_cfg(norm, *, freeze_at=0):
-    """A Mask R-CNN R50-FPN yacs config on the project's registered builders, with ``norm`` at every site."""
+def _yacs_cfg(norm, *, freeze_at=0, images=2, n=2):
+    """A Mask R-CNN R50-FPN yacs config on the project's registered builders, with ``norm`` at every site, at
+    ``images`` per device and normalization batch ``n`` (MODEL.MABN keys)."""
     cfg = get_cfg()
+    mabn.d2.add_mabn_config(cfg)
+    cfg.SOLVER.IMS_PER_BATCH, cfg.MODEL.MABN.NORM_BATCH = images, n
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.MASK_ON = True
     cfg.MODEL.BACKBONE.NAME = "build_mabn_resnet_fpn_backbone"
@@ -109,11 +112,11 @@ def _yacs_cfg(norm, *, freeze_at=0):
 
 
 def test_yacs_config_by_name():
-    cfg = _yacs_cfg("MABN")
+    cfg = _yacs_cfg("MABN", images=4, n=4)
     cfg.MODEL.ROI_BOX_HEAD.NORM = "brn"
     cfg.MODEL.ROI_MASK_HEAD.NORM = "GN"  # detectron2's own names keep their meaning
-    with mabn.d2.norm_context(NormContext(norm_batch=4, device_batch=4), {"mabn": {"r_max": 3.0}}):
-        model = build_model(cfg)
+    cfg.MODEL.MABN.PARAMS.mabn = CfgNode({"r_max": 3.0})
+    model = build_model(cfg)
     by_site = {}
     for site, norm in _norm_sites(model):
         by_site.setdefault(site, set()).add(type(norm))
@@ -130,12 +133,37 @@ def test_yacs_config_by_name():
     assert mabn.d2.resolve_norm("") == ("", None)
 
 
+def test_yacs_keys_carry_the_runtime_facts_and_a_helper_names_every_site(tmp_path):
+    """add_mabn_config: MODEL.MABN.* from a YAML file (what tools/train_net.py's --config-file merges); without the
+    keys the facts follow SOLVER (n = images per device); set_norm names the norm and the three builders; a name
+    neither detectron2 nor the registry knows is refused naming both lists. No module global is involved."""
+    cfg = get_cfg()
+    mabn.d2.add_mabn_config(cfg)
+    (tmp_path / "mabn.yaml").write_text("SOLVER:\n  IMS_PER_BATCH: 8\n  MAX_ITER: 90\nMODEL:\n  MABN:\n"
+                                       "    NORM_BATCH: 2\n    PARAMS:\n      mabn:\n        r_max: 3.0\n")
+    cfg.merge_from_file(str(tmp_path / "mabn.yaml"))
+    mabn.d2.set_norm(cfg, "MABN")
+    assert [cfg.MODEL.BACKBONE.NAME, cfg.MODEL.ROI_BOX_HEAD.NAME, cfg.MODEL.ROI_MASK_HEAD.NAME] == \
+        ["build_mabn_resnet_fpn_backbone", "build_mabn_box_head", "build_mabn_mask_head"]
+    assert {cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM, cfg.MODEL.ROI_BOX_HEAD.NORM, cfg.MODEL.ROI_MASK_HEAD.NORM} \
+        == {"MABN"}
+    ctor, recipe = mabn.d2.resolve_norm("MABN", cfg)
+    layer = ctor(16)
+    assert (layer.group_size, layer.window, layer.r_max) == (2, 16, 3.0) and recipe.name == "mabn"
+    assert layer.renorm_iters == recipe.params["renorm_iters"] * 4  # counted in normalization batches: 4 a step
+    plain = get_cfg()  # no MODEL.MABN: the images per device are the normalization batch
+    plain.SOLVER.IMS_PER_BATCH = 4
+    assert mabn.d2.resolve_norm("brn", plain)[0](8).group_size is None
+    with pytest.raises(ValueError, match=r"unknown norm 'MBN': detectron2's names are BN, SyncBN, .*; the "
+                                         r"project's \(any case\) are bn, .*mabn"):
+        mabn.d2.resolve_norm("MBN", cfg)
+
+
 @pytest.mark.parametrize("name", ["mabn", "brn", "gn", "frn"])
 def test_yacs_builders_build_the_lazy_config_model(name):
     """The registered yacs builders and build_mask_rcnn give the same network, norms at the same sites."""
     ctx = NormContext(norm_batch=2, device_batch=2)
-    with mabn.d2.norm_context(ctx):
-        model = build_model(_yacs_cfg(name))
+    model = build_model(_yacs_cfg(name))
     lazy = build_mask_rcnn(build_norm(name, ctx), num_classes=4, **SMALL)
     shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (model, lazy)]
     assert shapes[0] == shapes[1]
@@ -149,8 +177,7 @@ def test_yacs_builders_build_the_lazy_config_model(name):
 
 
 def test_yacs_frozen_stages_hold_no_live_batch_statistics():
-    with mabn.d2.norm_context(NormContext(norm_batch=2, device_batch=2)):
-        model = build_model(_yacs_cfg("MABN", freeze_at=2))
+    model = build_model(_yacs_cfg("MABN", freeze_at=2))
     bottom_up = model.backbone.bottom_up
     for frozen in (bottom_up.stem, bottom_up.res2):
         norms = [m for m in frozen.modules() if isinstance(m, (*norm_types(), D2FrozenBN))]

@@ -6,6 +6,6 @@ detectron2's registries; importing this package registers them and changes nothi
 """
 
 from . import model  # noqa: F401  (registers the yacs builders in detectron2's registries)
-from .norms import freeze_frozen_blocks, norm_context, project_norm_name, resolve_norm
+from .norms import add_mabn_config, freeze_frozen_blocks, project_norm_name, resolve_norm, set_norm
 
-__all__ = ["freeze_frozen_blocks", "norm_context", "project_norm_name", "resolve_norm"]
+__all__ = ["add_mabn_config", "freeze_frozen_blocks", "project_norm_name", "resolve_norm", "set_norm"]

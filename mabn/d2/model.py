@@ -8,7 +8,7 @@ yacs configs reach the same layers through builders registered in detectron2's r
 point its ``projects/`` use: ``MODEL.BACKBONE.NAME: build_mabn_resnet_fpn_backbone``,
 ``MODEL.ROI_BOX_HEAD.NAME: build_mabn_box_head``, ``MODEL.ROI_MASK_HEAD.NAME: build_mabn_mask_head``. They
 resolve ``RESNETS.NORM``, ``FPN.NORM``, ``ROI_BOX_HEAD.NORM`` and ``ROI_MASK_HEAD.NORM`` (``MABN``, ``brn``,
-...; detectron2's own names keep their meaning) under the innermost ``norm_context`` and hand the
+...; detectron2's own names keep their meaning) with the config's ``MODEL.MABN`` keys (``add_mabn_config``) and hand the
 constructors to detectron2's classes. Both routes build the stem, residual blocks and heads as the
 subclasses of ``mabn.d2.activations``: detectron2's forward, with one activation per position for norms
 that carry their own (EvoNorm-S0, FRN + TLU).
@@ -138,7 +138,7 @@ def build_mabn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """
     _check_default_resnet(cfg)
     res = cfg.MODEL.RESNETS
-    norm, recipe = resolve_norm(res.NORM)
+    norm, recipe = resolve_norm(res.NORM, cfg)
     stage_args = {"stride_in_1x1": res.STRIDE_IN_1X1} if res.DEPTH >= 50 else {}  # BasicBlock has no 1x1
     bottom_up = ResNet(NormActStem(input_shape.channels, res.STEM_OUT_CHANNELS, norm=norm),
                        ResNet.make_default_stages(res.DEPTH, block_class(res.DEPTH), norm=norm, **stage_args),
@@ -147,7 +147,7 @@ def build_mabn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     # of an ImageNet MABN backbone
     _center(bottom_up, recipe)
     freeze_frozen_blocks(bottom_up)
-    fpn_norm, fpn_recipe = resolve_norm(cfg.MODEL.FPN.NORM)
+    fpn_norm, fpn_recipe = resolve_norm(cfg.MODEL.FPN.NORM, cfg)
     fpn = FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES,
               out_channels=cfg.MODEL.FPN.OUT_CHANNELS, norm=without_activation(fpn_norm),
               top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
@@ -158,7 +158,7 @@ def build_mabn_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
 def build_mabn_box_head(cfg, input_shape: ShapeSpec) -> NormActConvFCHead:
     """detectron2's conv-fc box head with ``ROI_BOX_HEAD.NORM`` resolved to the project's layer."""
     args = NormActConvFCHead.from_config(cfg, input_shape)
-    args["conv_norm"], recipe = resolve_norm(args["conv_norm"])
+    args["conv_norm"], recipe = resolve_norm(args["conv_norm"], cfg)
     return _center(NormActConvFCHead(**args), recipe)
 
 
@@ -166,5 +166,5 @@ def build_mabn_box_head(cfg, input_shape: ShapeSpec) -> NormActConvFCHead:
 def build_mabn_mask_head(cfg, input_shape: ShapeSpec) -> NormActMaskHead:
     """detectron2's conv-upsample mask head with ``ROI_MASK_HEAD.NORM`` resolved to the project's layer."""
     args = NormActMaskHead.from_config(cfg, input_shape)
-    args["conv_norm"], recipe = resolve_norm(args["conv_norm"])
+    args["conv_norm"], recipe = resolve_norm(args["conv_norm"], cfg)
     return _center(NormActMaskHead(**args), recipe)
