@@ -42,6 +42,16 @@ def norm_settings(norm, *keys: str) -> str:
     return "".join(f"-{key}_{str(norm[key]).lower()}" for key in keys if key in norm)
 
 
+def batch_label(*, _root_) -> str:
+    """``${batch_label:}`` in a run name: "n2-b32" (normalization batch, device batch), with "-device" when
+    batch_mode=device trains with device batch n: a true small batch and the grouped run of the same n get run
+    directories of their own."""
+    mode = _root_.get("batch_mode", "grouped")
+    device_batch = _root_.batch if mode == "device" else _root_.data.batch_size
+    return f"n{_root_.batch}-b{device_batch}" + ("-device" if mode == "device" else "")
+
+
+OmegaConf.register_new_resolver("batch_label", batch_label, replace=True)
 OmegaConf.register_new_resolver("norm_variant", variant_suffix, replace=True)
 OmegaConf.register_new_resolver("norm_settings", norm_settings, replace=True)
 OmegaConf.register_new_resolver("model_label", model_label, replace=True)

@@ -144,3 +144,19 @@ class RunRecorder:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+# what every record pooled into one table must share: a cell pools seeds of one protocol, never more
+PROTOCOL = ("task", "data", "model", "device_batch", "batch_mode", "world_size", "sgd_batch", "epochs", "iters",
+            "val_count")
+
+
+def check_protocol(records: list[dict], rows: tuple[str, ...] = ()) -> None:
+    """ValueError naming the keys (and their values) in which the records' protocols differ; ``rows``: keys a
+    table splits into rows of their own instead (results.cells puts several models in rows of their own)."""
+    differ = {key: sorted({str(r.get(key)) for r in records}) for key in PROTOCOL if key not in rows}
+    differ = {key: values for key, values in differ.items() if len(values) > 1}
+    if differ:
+        raise ValueError("the records of one table differ in their protocol, which a cell would pool: "
+                         + "; ".join(f"{key}: {', '.join(values)}" for key, values in differ.items())
+                         + " (collect each protocol into its own table: make_tables.py --table NAME)")

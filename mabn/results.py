@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mabn.norms.registry import norm_variant
 from mabn.papers import Reported, reported_for
+from mabn.records import check_protocol
 from mabn.statistics_table import is_statistics_table
 from mabn.statistics_table import render as render_statistics
 
@@ -715,6 +716,11 @@ def make_tables(records_root: Path, out_dir: Path, plots: bool = True) -> list[P
     """Write out_dir/<table>.md (and its figures) for every table under records_root."""
     written = []
     tables = load_tables(records_root)  # every record read and checked before anything is written
+    for table, records in tables.items():
+        try:  # one protocol per table; several models are rows of their own (cells)
+            check_protocol(records, rows=() if is_statistics_table(records) else ("model",))
+        except ValueError as err:
+            raise ValueError(f"records/{table}: {err}") from err
     out_dir.mkdir(parents=True, exist_ok=True)
     for table, records in sorted(tables.items()):
         path = out_dir / f"{table}.md"

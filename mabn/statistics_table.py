@@ -22,6 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from .papers import WU_JOHNSON
+from .records import check_protocol
 
 # t quantiles (0.975) by degrees of freedom: the 95 % two-sided interval of a mean over df + 1 seeds
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -101,20 +102,6 @@ def treatments(record: dict) -> dict[str, float]:
             if b == n:
                 err["precise_n"] = value
     return err
-
-
-# what must be the same in every record of one table: a cell pools seeds of one protocol, never more
-PROTOCOL = ("task", "data", "model", "device_batch", "world_size", "sgd_batch", "epochs", "iters", "val_count")
-
-
-def check_protocol(records: list[dict]) -> None:
-    """ValueError naming the keys (and their values) in which the records' protocols differ."""
-    differ = {key: sorted({str(r.get(key)) for r in records}) for key in PROTOCOL}
-    differ = {key: values for key, values in differ.items() if len(values) > 1}
-    if differ:
-        raise ValueError("the records of one table differ in their protocol, which a cell would pool: "
-                         + "; ".join(f"{key}: {', '.join(values)}" for key, values in differ.items())
-                         + " (collect each protocol into its own table: make_tables.py --table NAME)")
 
 
 def grid(records: list[dict]) -> dict[tuple[str, int, str], dict[int, float]]:

@@ -115,6 +115,17 @@ def test_mixed_tasks_in_one_table_are_refused(tmp_path):
         render_table("x", records)
 
 
+def test_records_of_different_protocols_are_refused_with_the_keys_named(sweep, tmp_path):
+    """A 20-iteration smoke run beside a sweep's 100-iteration ones, evaluated on fewer images: the script exits
+    with one line naming each differing key and its values, and writes nothing (a cell would pool them)."""
+    write_run(sweep, "bn-n2-s9", norm="bn", norm_batch=2, seed=9, top1=40.0, iters=20, val_count=640)
+    res = script(tmp_path, "--collect", *sorted(sweep.iterdir()), "--records", tmp_path / "records",
+                 "--out", tmp_path / "out")
+    assert res.returncode != 0 and not (tmp_path / "out" / "fmnist.md").exists()
+    assert "records/fmnist: the records of one table differ in their protocol, which a cell would pool: " \
+           "iters: 100, 20; val_count: 640, None" in res.stderr, res.stderr
+
+
 def test_make_tables_writes_markdown_and_figures(sweep, tmp_path):
     collect(sorted(sweep.iterdir()), tmp_path / "records")
     (md,) = make_tables(tmp_path / "records", tmp_path / "out")
