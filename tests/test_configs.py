@@ -102,7 +102,8 @@ def test_run_dir_is_deterministic():
     assert compose_cfg("model=timm", "model.arch=resnet10t").run.name == "imagenet-timm_resnet10t-bn-n32-b32-s0"
     # a true small batch (batch_mode=device) is named by its device batch and mode: not the grouped run's name
     names = {compose_cfg(f"experiment={e}", "batch=2", *m).run.name
-             for e in ("fmnist", "fmnist_cpu", "fmnist_long", "fmnist_precise_bn") for m in ((), ("batch_mode=device",))}
+             for e in ("fmnist", "fmnist_cpu", "fmnist_long", "fmnist_precise_bn")
+             for m in ((), ("batch_mode=device",))}
     assert len(names) == 8 and "fmnist-cifar_resnet20-bn-n2-b2-device-s0" in names \
         and "fmnist-cifar_resnet20-bn-n2-b32-s0" in names
 
