@@ -46,6 +46,10 @@ def fold_norms(model: nn.Module, *, inplace: bool = False, return_report: bool =
     cannot fold (gn, or a norm not fed by a conv) stay in the model and are reported, never dropped. Returns
     the folded model (a copy unless ``inplace``), and the FoldReport when ``return_report``.
     """
+    if model.training:
+        raise ValueError("fold_norms: the model is in train mode, where its norms normalize with batch "
+                         "statistics; folding bakes their eval-mode map (running statistics) into the convs: "
+                         "call model.eval() first")
     model = model if inplace else copy.deepcopy(model)
     report = FoldReport()
     folded_norms = set()

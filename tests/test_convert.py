@@ -11,6 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
+from mabn.fold import fold_norms
 from mabn.norms import (
     BatchNorm2d,
     EvoNormS0,
@@ -97,7 +98,7 @@ X = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().m
 def test_every_bn_layer_replaced_with_equal_eval_outputs(built, target, new_type):
     name, original, count, cls_name = built
     model = copy.deepcopy(original)
-    report = convert_norms(model, {"name": target}, CTX)
+    _, report = convert_norms(model, {"name": target}, CTX, return_report=True)
     assert len(report.converted) == count and not _family(model, cls_name)
     assert all({"running_mean", "running_var", "weight", "bias"} <= set(c.copied) for c in report.converted)
     with torch.no_grad():
@@ -107,9 +108,9 @@ def test_every_bn_layer_replaced_with_equal_eval_outputs(built, target, new_type
 
 
 def test_mabn_trains_one_step_then_reverts_to_plain_batchnorm(built):
-    name, original, count, _ = built
+    name, original, count, cls_name = built
     model = copy.deepcopy(original)
-    report = convert_norms(model, {"name": "mabn", "warmup_iters": 0}, CTX)
+    _, report = convert_norms(model, {"name": "mabn", "warmup_iters": 0}, CTX, return_report=True)
     assert sum(isinstance(m, MABN2d) for m in model.modules()) == count
     assert len(report.paired) == count and not report.unpaired  # every MABN's feeding conv is centered
     assert report.converted[0].copied == ("weight", "bias", "running_var (+ running_mean²)")
@@ -124,10 +125,10 @@ def test_mabn_trains_one_step_then_reverts_to_plain_batchnorm(built):
     model.eval()
     with torch.no_grad():
         expected = _outputs(model, X)
-    reverted = revert_norms(model)
+    _, reverted = revert_norms(model, return_report=True)
     assert len(reverted.converted) == count and len(reverted.baked) == count and not reverted.left
     assert not any(isinstance(m, MABN2d) for m in model.modules())
-    assert sum(type(m) is nn.BatchNorm2d for m in model.modules()) == count
+    assert len(_family(model, cls_name)) == count  # the original classes again (timm's, detectron2's, torch's)
     assert not any(is_paired(m) for m in model.modules() if isinstance(m, nn.Conv2d))
     with torch.no_grad():
         _close(_outputs(model, X), expected, tol=1e-12)
@@ -145,11 +146,47 @@ def test_timm_batchnormact_keeps_its_activation():
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(bn(x), model(x))
     evo = copy.deepcopy(model)
-    report = convert_norms(evo, {"name": "evonorm_s0", "num_groups": 8})
+    _, report = convert_norms(evo, {"name": "evonorm_s0", "num_groups": 8}, return_report=True)
     evonorms = [m for m in evo.modules() if isinstance(m, EvoNormS0)]
     assert not any(isinstance(m, NormAct2d) for m in evo.modules())  # it carries its activation: no ReLU
     assert sum(m.apply_act for m in evonorms) == with_act and len(evonorms) == len(acts)
     assert "replaces the layer's ReLU" in report.converted[0].note
+
+
+@pytest.mark.parametrize("target", ["mabn", "bn"])
+def test_model_equals_convert_norms_and_revert_loads_into_stock_timm_strictly(target):
+    """The conventions: ``model = convert_norms(...)`` (the model, as convert_sync_batchnorm), and a reverted
+    timm model (BatchNormAct2d layers, some wrapped with their ReLU while converted) has timm's classes and
+    keys again: its state dict loads strictly into a stock timm model, with the same eval outputs."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+
+    model = _timm_regnet()
+    returned = convert_norms(model, {"name": target}, CTX)
+    assert returned is model and any(isinstance(m, NormAct2d) for m in model.modules())
+    model.train()
+    model(torch.randn(8, 3, 32, 32)).sum().backward()  # statistics and (mabn) centered convs move
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert revert_norms(model) is model
+    assert not any(isinstance(m, NormAct2d) for m in model.modules())
+    stock = timm.create_model("regnetx_002", pretrained=False).eval()
+    stock.load_state_dict(model.state_dict(), strict=True)
+    assert all(type(a) is type(b) for a, b in zip(model.modules(), stock.modules(), strict=True))
+    assert sum(isinstance(m, BatchNormAct2d) for m in stock.modules()) == 44
+    with torch.no_grad():
+        torch.testing.assert_close(stock(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_norms_refuses_a_model_in_train_mode():
+    """Folding bakes the eval-mode map: a model in train mode would silently change what it computes."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    with pytest.raises(ValueError, match=r"fold_norms: the model is in train mode, .* call model.eval\(\) first"):
+        fold_norms(model)
+    folded = fold_norms(model.eval())
+    assert not folded.training and isinstance(folded[1], nn.Identity)
 
 
 class _Mixed(nn.Module):
@@ -169,7 +206,7 @@ class _Mixed(nn.Module):
 
 def test_report_lists_what_it_left_and_why():
     model = _Mixed()
-    report = convert_norms(model, "gn")
+    _, report = convert_norms(model, "gn", return_report=True)
     assert [(c.name, c.old_type, c.new_type, c.copied) for c in report.converted] == \
         [("bn", "BatchNorm2d", "GroupNorm", ("weight", "bias"))]
     assert isinstance(model.bn, GroupNorm)
@@ -178,7 +215,7 @@ def test_report_lists_what_it_left_and_why():
                        "bn1d": "not a 2d BatchNorm: the registry's norms normalize (N, C, H, W) inputs",
                        "ln": "not a BatchNorm-family layer"}
     model(torch.randn(2, 3, 8, 8))
-    reverted = revert_norms(model)
+    _, reverted = revert_norms(model, return_report=True)
     assert [c.name for c in reverted.converted] == ["ours"] and type(model.ours) is nn.BatchNorm2d
     assert [x.name for x in reverted.left] == ["bn"] and "batch-free" in reverted.left[0].reason
     assert "left bn: GroupNorm: batch-free" in str(reverted)
@@ -201,7 +238,8 @@ def test_bad_norm_config_raises_naming_it_and_leaves_the_model(cfg, message):
 
 def test_no_optional_library_is_imported():
     code = ("import sys, torchvision; from mabn.norms import convert_norms; "
-            "r = convert_norms(torchvision.models.resnet18(), 'mabn'); assert len(r.converted) == 20; "
+            "_, r = convert_norms(torchvision.models.resnet18(), 'mabn', return_report=True); "
+            "assert len(r.converted) == 20; "
             "assert not {'detectron2', 'timm'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})

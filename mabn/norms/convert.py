@@ -9,6 +9,7 @@ a model holding one has imported its module, so nothing (detectron2, timm) is im
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -192,8 +193,10 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def convert_norms(model: nn.Module, cfg: Mapping[str, Any] | str | NormRecipe,
-                  context: NormContext | None = None) -> ConversionReport:
-    """Replace every BatchNorm-family layer of ``model`` (in place) by the registry norm of ``cfg``.
+                  context: NormContext | None = None, *, return_report: bool = False):
+    """Replace every BatchNorm-family layer of ``model`` (in place) by the registry norm of ``cfg``; returns
+    the model, as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does (``(model, report)`` with ``return_report``,
+    as ``fold_norms``: the convention of the three).
 
     ``cfg``: a flat norm config (``{"name": "mabn", "window": 16}``, validated by ``build_norm`` before the
     model is touched) or a ``NormRecipe``. Affine parameters and running statistics are copied where they
@@ -219,6 +222,7 @@ def convert_norms(model: nn.Module, cfg: Mapping[str, Any] | str | NormRecipe,
         weight = getattr(module, "weight", None)
         if isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter):
             note = "; ".join(filter(None, [note, "was frozen (buffers): its affine is now trainable"]))
+        _remember_original(new, module)
         replacements.append((name, new))
         report.converted.append(Converted(name, type(module).__name__, type(new).__name__, copied, note))
     new_norms = {}
@@ -229,7 +233,38 @@ def convert_norms(model: nn.Module, cfg: Mapping[str, Any] | str | NormRecipe,
     _record_pairs(model, recipe, new_norms, report)
     if any(_carries_activation(m) for m in model.modules()):
         report.activations = apply_norm_activations(model)  # torchvision / CIFAR ResNet blocks
-    return report
+    return (model, report) if return_report else model
+
+
+# the layer a converted norm replaced, kept outside the module tree (no parameters, no state-dict keys): what
+# revert_norms gives back, so a reverted model loads into the original library's model strictly
+_ORIGINAL = "_mabn_reverts_to"
+
+
+def _remember_original(new: nn.Module, src: nn.Module) -> None:
+    if type(src) is not nn.BatchNorm2d:  # timm's BatchNormAct2d, FrozenBatchNorm2d of torchvision/detectron2
+        new.__dict__[_ORIGINAL] = copy.deepcopy(src)
+
+
+def _original_restored(module: nn.Module, norm: nn.Module) -> tuple[nn.Module, tuple[str, ...]] | None:
+    """The remembered original layer of ``module`` (a converted norm or its NormAct2d) with ``norm``'s
+    eval-mode map, or None when nothing was remembered."""
+    template = module.__dict__.get(_ORIGINAL)
+    if template is None:
+        return None
+    plain, _ = _plain_batchnorm(norm)
+    out = _like(copy.deepcopy(template), norm)
+    copied = []
+    with torch.no_grad():
+        own_eps = float(getattr(out, "eps", plain.eps))
+        for key, value in plain.state_dict().items():
+            target = getattr(out, key, None)
+            if isinstance(target, Tensor):
+                if key == "running_var":  # the same map under the original layer's eps
+                    value = value + plain.eps - own_eps
+                target.copy_(value.to(target.dtype))
+                copied.append(key)
+    return out, tuple(copied)
 
 
 def _record_pairs(model: nn.Module, recipe: NormRecipe, new_norms: dict[int, str],
@@ -263,9 +298,12 @@ def _revertible(module: nn.Module) -> bool:
     return type(module) is nn.SyncBatchNorm or (_is_ours(module) and isinstance(module, foldable_types()))
 
 
-def revert_norms(model: nn.Module) -> ConversionReport:
+def revert_norms(model: nn.Module, *, return_report: bool = False):
     """Turn every batch-statistics registry norm (bn, brn, mabn, cbn, syncbn, frozenbn; torch SyncBatchNorm)
-    into a plain ``nn.BatchNorm2d`` with the same eval output (in place), for export.
+    into a plain ``nn.BatchNorm2d`` with the same eval output (in place), for export; returns the model
+    (``(model, report)`` with ``return_report``). A norm that ``convert_norms`` put in place of another class
+    (timm's ``BatchNormAct2d`` with its activation, a ``FrozenBatchNorm2d``) becomes that class again, so the
+    state dict has the original model's keys.
 
     Convs centered for MABN get their centered weight baked in (``unparametrize_weight``); batch-free norms
     (gn, gnws, ln, in, evonorm_s0, frn) have no BatchNorm equivalent and are listed as left.
@@ -276,12 +314,21 @@ def revert_norms(model: nn.Module) -> ConversionReport:
         if id(norm) in targets and is_paired(conv):
             unparametrize_weight(conv)
             report.baked.append(cname)
+    done = set()
     for name, module in list(model.named_modules()):
-        if id(module) in targets and name:
-            bn, copied = _plain_batchnorm(module)
+        if isinstance(module, NormAct2d) and id(module.norm) in targets and name:
+            restored = _original_restored(module, module.norm)
+            if restored is not None:
+                _replace(model, name, restored[0])
+                done.add(id(module.norm))
+                report.converted.append(Converted(name, f"NormAct2d({type(module.norm).__name__})",
+                                                  type(restored[0]).__name__, restored[1]))
+                continue
+        if id(module) in targets and name and id(module) not in done:
+            bn, copied = _original_restored(module, module) or _plain_batchnorm(module)
             _replace(model, name, bn)
-            report.converted.append(Converted(name, type(module).__name__, "BatchNorm2d", copied))
+            report.converted.append(Converted(name, type(module).__name__, type(bn).__name__, copied))
         elif isinstance(module, norm_types()) and _is_ours(module) and not _revertible(module):
             report.left.append(Left(name, type(module).__name__, "batch-free: its eval output depends on "
                                     "each sample, so no BatchNorm2d computes it"))
-    return report
+    return (model, report) if return_report else model
