@@ -290,3 +290,28 @@ def test_groups_that_do_not_suit_a_timm_model_exit_2_and_the_corrected_command_r
     assert "Traceback" not in out.stderr and not any(tmp_path.iterdir())
     train([*args, "norm.num_groups=8"], tmp_path, data_root, base=TIMM)
     assert json.loads((run_dir(tmp_path) / "summary.json").read_text())["norm_params"]["num_groups"] == 8
+
+
+def test_the_norm_library_imports_no_compiler_until_it_is_used():
+    """``import mabn.norms`` and the eager layers load neither dynamo, inductor, triton nor sympy (over a second
+    of import time before: cbn's compile guard imported dynamo); cbn's first layer does (its guard), and a
+    compiled layer still compiles."""
+    code = """
+import sys, time, torch
+t = time.perf_counter()
+import mabn.norms
+from mabn.norms import build_norm
+took = time.perf_counter() - t
+heavy = {'torch._dynamo', 'torch._inductor', 'triton', 'sympy'}
+x = torch.randn(4, 8, 3, 3)
+for name in ('bn', 'brn', 'mabn', 'gn', 'frn', 'evonorm_s0', 'gnws', 'ln', 'in', 'frozenbn'):
+    build_norm(name).ctor(8)(x)
+assert not heavy & set(sys.modules), sorted(heavy & set(sys.modules))
+build_norm('cbn').ctor(8)
+assert 'torch._dynamo' in sys.modules
+print(f'import mabn.norms: {took:.3f} s')
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "import mabn.norms:" in out.stdout

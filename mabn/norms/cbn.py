@@ -73,6 +73,9 @@ class CrossIterationBatchNorm2d(NormLayer, nn.Module):
         for name in RINGS:
             self.register_buffer(name, torch.zeros(0, **factory))
         self.__dict__["_conv"] = None  # a reference, not a submodule: the conv stays where the model has it
+        _eager_compensation()
+
+    _compensated = None  # _compensated_steps under torch.compiler.disable, set at the first construction
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, window={self.window}, burnin_iters={self.burnin_iters}, "
@@ -136,10 +139,10 @@ class CrossIterationBatchNorm2d(NormLayer, nn.Module):
             return torch.cat([self._step(x[g * n:(g + 1) * n], None) for g in range(groups)])
         return self._compensated(x, w, groups, n)
 
-    @torch.compiler.disable
-    def _compensated(self, x: Tensor, w: Tensor, groups: int, n: int) -> Tensor:
-        """The Taylor-compensated steps. Eager under torch.compile (a graph break around this layer): the
-        derivatives read the conv's input from ``x``'s autograd node, which a traced graph does not have."""
+    def _compensated_steps(self, x: Tensor, w: Tensor, groups: int, n: int) -> Tensor:
+        """The Taylor-compensated steps. Eager under torch.compile (a graph break around this layer: see
+        ``_eager_compensation``): the derivatives read the conv's input from ``x``'s autograd node, which a
+        traced graph does not have."""
         conv = conv_of(x, w)
         grads = conv_derivatives(x.to(stat_dtype(x)), w, conv, groups) if conv is not None else None
         # G consecutive normalization batches with the same weights, in order (the grouped contract)
@@ -253,3 +256,12 @@ def _build_cbn(p: dict, ctx: NormContext) -> NormRecipe:
     ctor = functools.partial(CrossIterationBatchNorm2d, window=p["window"], burnin_iters=ctx.iters(burnin),
                              group_size=ctx.group_size, eps=p["eps"], momentum=p["momentum"])
     return NormRecipe("cbn", ctor, pairs_convs=True, params={**p, "burnin_iters": burnin})
+
+
+def _eager_compensation() -> None:
+    """Mark the compensated steps eager for torch.compile, once, when the first layer is built (before anything
+    can compile it): ``torch.compiler.disable`` imports dynamo, over a second that ``import mabn.norms`` need
+    not pay."""
+    cls = CrossIterationBatchNorm2d
+    if cls._compensated is None:
+        cls._compensated = torch.compiler.disable(cls._compensated_steps)
