@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .records import PROJECT_ROOT, git_sha, hardware, write_json_atomic
 
 
@@ -47,6 +48,7 @@ def environment(device: torch.device) -> dict:
     return {
         "device": hardware(device),
         "torch": torch.__version__,
+        "mabn_version": __version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),

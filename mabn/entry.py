@@ -88,9 +88,10 @@ class RunFacts:
         device = self.facts.get("device_obj")
         base = {k: v for k, v in self.facts.items() if k != "device_obj"}
         run_dir = self.facts.get("run_dir")
+        from . import __version__
         from .norms._fused import path_report  # what impl="auto" ran: torch, fused, or torch after a mismatch
         return {**base, "device": hardware(device) if device is not None else None, "git_sha": self.sha,
-                "norm_path": path_report(),
+                "norm_path": path_report(), "mabn_version": __version__,
                 "starts": rundir.starts(run_dir) if run_dir else [],  # each start's commit (a resumed run's)
                 "torch": torch.__version__, "command": " ".join(sys.argv),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **more}

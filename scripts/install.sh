@@ -81,8 +81,8 @@ if [ -f "$STAMP" ]; then log "up to date ($VENV)"; exit 0; fi
 start=$(date +%s)
 install_fmnist
 if [ ! -x "$VENV/bin/python" ]; then log "creating $VENV with $($PY --version)"; "$PY" -m venv "$VENV"; fi
-log "pip install -e .[train,dev] (torch/torchvision: PyPI standard builds, pinned)"
-"$VENV/bin/pip" install -q -c "$CONSTRAINTS" -e ".[train,dev]"
+log "pip install -e .[train,detection,dev] (torch/torchvision: PyPI standard builds, pinned)"
+"$VENV/bin/pip" install -q -c "$CONSTRAINTS" -e ".[train,detection,dev]"
 install_detectron2
 "$VENV/bin/pip" check
 rm -f "$VENV"/.mabn-installed-*
