@@ -315,3 +315,36 @@ print(f'import mabn.norms: {took:.3f} s')
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "import mabn.norms:" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["mabn", "bn", "frn"])
+def test_registry_norms_as_timm_and_torchvision_norm_layers(name):
+    """``recipe.ctor`` is a norm_layer for timm's ResNet and torchvision's (they pass device/dtype);
+    ``timm_norm_layer(recipe)`` for timm's norm + activation models (RegNet's ConvNormAct): the recipe's norm,
+    then timm's activation where the stock model has one (a norm that carries its own activation replaces it)."""
+    timm = pytest.importorskip("timm")
+    import torchvision
+
+    from mabn.norms import build_norm, protocol, timm_norm_layer
+
+    recipe = build_norm(name, CTX)
+    x = torch.randn(8, 3, 64, 64)
+    mine = type(recipe.ctor(8))
+    for model in (timm.create_model("resnet18", pretrained=False, norm_layer=recipe.ctor),
+                  torchvision.models.resnet18(norm_layer=recipe.ctor)):
+        recipe.prepare(model)
+        model(x).sum().backward()
+        assert sum(isinstance(m, mine) for m in model.modules()) == 20
+    stock = timm.create_model("regnetx_002", pretrained=False)
+    model = timm.create_model("regnetx_002", pretrained=False, norm_layer=timm_norm_layer(recipe))
+    recipe.prepare(model)
+    model(x).sum().backward()
+    norms = [m for m in model.modules() if isinstance(m, mine)]
+    assert len(norms) == 44 and all(getattr(m, "group_size", 2) == 2 for m in norms)
+    stock_acts = sum(isinstance(m.act, nn.ReLU) for m in stock.modules() if hasattr(m, "act") and
+                     isinstance(m, nn.BatchNorm2d))
+    if protocol.carries_activation(norms[0]) or any(protocol.carries_activation(m) for m in norms):
+        assert sum(protocol.carries_activation(m) for m in norms) == stock_acts  # its own, where timm had one
+    else:
+        wrapped = [m for m in model.modules() if isinstance(m, NormAct2d)]
+        assert sum(isinstance(m.act, nn.ReLU) for m in wrapped) == stock_acts

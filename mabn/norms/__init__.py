@@ -40,6 +40,7 @@ from .registry import (
     register_norm,
     registered_norms,
 )
+from .timm_layers import timm_norm_layer
 
 __all__ = [
     "BatchNorm2d", "BatchRenorm2d", "CenteredConvBatchNorm2d", "CenteredWeight", "ConversionReport",
@@ -49,4 +50,5 @@ __all__ = [
     "batch_dependent_types", "build_norm", "canonical_name", "carries_activation", "center_conv_weights",
     "conv_norm_pairs", "convert_norms", "foldable_types", "is_centered", "is_paired", "norm_defaults",
     "norm_types", "norm_variant", "protocol", "register_norm", "registered_norms", "revert_norms",
+    "timm_norm_layer",
 ]
