@@ -13,9 +13,11 @@ submitit's handler, so the requeued job resumes from a checkpoint written a step
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers and shells read as "terminated"
 
@@ -81,3 +83,50 @@ def end_job(code: int) -> int:
     if code:
         sys.exit(code)
     return 0
+
+
+class SweepSummary:
+    """A Hydra callback (``hydra.callbacks.sweep_summary`` in the entry configs): each finished cell appends its
+    overrides and exit code to ``<sweep dir>/cells.jsonl`` (a file, so joblib workers and submitit jobs on a
+    shared file system report too); at the end of the multirun one line per cell is printed, and the sweep
+    exits 1 when any cell failed (the cells go on regardless: ``end_job``)."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        path = self._path(config)
+        if path is not None and path.is_file():
+            path.unlink()  # an interrupted sweep's cells: this run reports its own
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        from hydra.core.utils import JobStatus
+
+        code = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
+        failed = job_return.status != JobStatus.COMPLETED or (isinstance(code, int) and code != 0)
+        line = {"overrides": " ".join(job_return.overrides or []), "code": code if isinstance(code, int) else 1,
+                "failed": failed}
+        if job_return.status != JobStatus.COMPLETED:
+            line["error"] = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+        path = self._path(config)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        path = self._path(config)
+        if path is None or not path.is_file():
+            return
+        cells = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        failed = [c for c in cells if c["failed"]]
+        print(f"sweep: {len(cells) - len(failed)} of {len(cells)} cells finished, {len(failed)} failed", flush=True)
+        for c in cells:
+            state = f"FAILED (exit {c['code']})" if c["failed"] else "ok"
+            print(f"  {state:<16} {c['overrides']}" + (f"  {c['error']}" if c.get("error") else ""), flush=True)
+        if failed:
+            sys.exit(1)
+
+    @staticmethod
+    def _path(config):
+        try:
+            return Path(config.hydra.sweep.dir) / "cells.jsonl"
+        except Exception:  # noqa: BLE001 - no sweep directory: nothing to report
+            return None

@@ -190,9 +190,15 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root
 
 
 def test_local_multirun_goes_on_after_a_diverged_cell(tmp_path, data_root):
-    out = train(["norm=bn", "batch=4", "optim.lr=1e30", "epochs=1", "seed=0,1"], tmp_path, data_root,
-                base=["-m", *TINY])
+    out = train(["norm=bn", "batch=4,3", "optim.lr=1e30", "epochs=1", "seed=0,1"], tmp_path, data_root,
+                base=["-m", *TINY], check=False)
     assert out.stderr.count("this sweep cell ended with exit code 3") == 2
+    # the sweep goes on, then says which cells failed, one line each, and exits 1 (batch=3: a config error)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "sweep: 0 of 4 cells finished, 4 failed" in out.stdout
+    summary = out.stdout.split("sweep: ")[1].splitlines()[1:]
+    assert sum("FAILED (exit 3)" in line for line in summary) == 2 and \
+        sum("FAILED (exit 2)" in line and "batch=3" in line for line in summary) == 2
     for seed in (0, 1):
         (d,) = Path(tmp_path).glob(f"fmnist-*-s{seed}")
         assert json.loads((d / "summary.json").read_text())["status"] == "diverged"
@@ -204,6 +210,7 @@ def test_joblib_launcher_runs_cells_in_parallel_processes(tmp_path, data_root):
     out = train(["norm=bn,mabn", "batch=2", "epochs=1", "launcher=joblib", "launcher.n_jobs=2", "data.workers=1"],
                 tmp_path, data_root, base=["-m", *TINY])
     assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
+    assert "sweep: 2 of 2 cells finished, 0 failed" in out.stdout  # reported from the worker processes too
     for norm in ("bn", "mabn"):
         (d,) = Path(tmp_path).glob(f"fmnist-*-{norm}-n2-*")
         assert json.loads((d / "summary.json").read_text())["status"] == "finished"
