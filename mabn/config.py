@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,21 @@ def _check_cuda_graphs(cfg, world_size: int, device_type: str) -> None:
                           "would not run on a replay; set one of them false")
 
 
+def _check_fused(cfg, device_type: str) -> None:
+    """norm.impl=fused runs the Triton kernels: on CUDA, or on CPU tensors only under Triton's interpreter."""
+    impl = cfg.norm.get("impl")
+    if impl == "fused" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"norm.impl=fused runs the Triton kernels on CUDA, but this process runs on {device_type} "
+                          f"(the fused path covers CUDA, or CPU under TRITON_INTERPRET=1); use norm.impl=auto "
+                          f"(fused on CUDA, the torch path elsewhere) or norm.impl=torch")
+
+
+def _check_workers(cfg) -> None:
+    workers = cfg.data.get("workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"data.workers must be an integer >= 0 (0: load in the training process), got {workers!r}")
+
+
 def _check_data(cfg, task: str) -> None:
     """The data set's own check; the keys it reads from the files (coco_json: num_classes, mask_format)
     replace their config values, so every later step and the saved config see them."""
@@ -219,6 +235,8 @@ def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> NormContext:
     plan = plan_batches(cfg, world_size, device_type)
     _check_norm_and_optim(cfg, plan)
     _check_cuda_graphs(cfg, world_size, device_type)
+    _check_fused(cfg, device_type)
+    _check_workers(cfg)
     _positive_int(cfg.epochs, "epochs")
     for key in ("ckpt_every_iters", "log_every", "keep_last"):
         _positive_int(cfg.train[key], f"train.{key}")
@@ -244,6 +262,8 @@ def validate_detection(cfg, world_size: int = 1, device_type: str = "cpu") -> No
     _check_norm_name(cfg)
     plan = plan_batches(cfg, world_size, device_type)
     _check_norm_and_optim(cfg, plan)
+    _check_fused(cfg, device_type)
+    _check_workers(cfg)
     solver = cfg.solver
     max_iter = _positive_int(solver.max_iter, "solver.max_iter")
     steps = list(solver.steps)

@@ -85,7 +85,13 @@ def end_job(code: int) -> int:
     return 0
 
 
-class SweepSummary:
+def _hydra_callback_base() -> type:
+    from hydra.experimental.callback import Callback
+
+    return Callback
+
+
+class SweepSummary(_hydra_callback_base()):
     """A Hydra callback (``hydra.callbacks.sweep_summary`` in the entry configs): each finished cell appends its
     overrides and exit code to ``<sweep dir>/cells.jsonl`` (a file, so joblib workers and submitit jobs on a
     shared file system report too); at the end of the multirun one line per cell is printed, and the sweep

@@ -144,12 +144,15 @@ def test_wandb_offline_writes_a_run(tmp_path, data_root):
     (["norm.name=nope"], "unknown norm 'nope'; registered norms: bn, brn"),
     (["batch=0"], "batch must be a positive integer, got 0"),
     (["norm=syncbn", "batch=2"], "syncbn normalizes over the global batch"),
+    (["norm=mabn", "batch=2", "norm.impl=fused"], "norm.impl=fused runs the Triton kernels on CUDA, but this "
+     "process runs on cpu"),
+    (["batch=2", "data.workers=-1"], "data.workers must be an integer >= 0 (0: load in the training process), got -1"),
 ])
 def test_bad_config_named_before_training(args, message, tmp_path, data_root):
     out = train(args, tmp_path, data_root, check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr
-    assert not list(Path(tmp_path).glob("*/checkpoints"))
+    assert not [p for p in Path(tmp_path).iterdir()]  # refused before the run directory was claimed
 
 
 @pytest.mark.slow
