@@ -1,18 +1,20 @@
 """The training entry point for real: every norm trains, resume is exact, DDP runs, bad input is named."""
 
+import gzip
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from mabn.norms import registered_norms
 
 from .procs import sigterm_once
-from .tinydata import make_fmnist_like, make_imagefolder
+from .tinydata import make_fmnist_like, make_imagefolder, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data=fmnist", "model=cifar_resnet20", "model.depth=8", "model.width=4", "data.batch_size=8",
@@ -270,3 +272,41 @@ def test_ablation_variant_trains_in_its_own_run_and_records_its_switches(tmp_pat
     summary = json.loads((d / "summary.json").read_text())
     assert summary["experiment"] == "fmnist_ablation"
     assert summary["norm_params"]["backward_stat"] == "batch" and summary["norm_params"]["average"] == "ema"
+
+
+def _broken_fmnist(root: Path, case: str) -> Path:
+    """A copy of the tiny set with one thing wrong."""
+    make_fmnist_like(root)
+    labels, images = root / "train-labels-idx1-ubyte.gz", root / "t10k-images-idx3-ubyte.gz"
+    if case == "label 255":
+        write_idx(labels, np.array([255] + [1] * 95))
+    elif case == "test images 32x32":
+        write_idx(images, np.zeros((32, 32, 32)))
+    elif case == "count mismatch":
+        write_idx(labels, np.ones(95))
+    elif case == "truncated":
+        data = gzip.decompress(images.read_bytes())
+        images.write_bytes(gzip.compress(data[:-100]))
+    elif case == "bad magic":
+        data = bytearray(gzip.decompress(images.read_bytes()))
+        data[2] = 0x42
+        images.write_bytes(gzip.compress(bytes(data)))
+    return root
+
+
+@pytest.mark.parametrize("case, message", [
+    ("label 255", "train-labels-idx1-ubyte.gz: 1 label(s) outside [0, data.num_classes=10), e.g. 255"),
+    ("test images 32x32", "t10k-images-idx3-ubyte.gz: images of 32x32 but the training images"),
+    ("count mismatch", "shapes (96, 28, 28) and (95,) do not match"),
+    ("truncated", "t10k-images-idx3-ubyte.gz: IDX header says shape (32, 28, 28)"),
+    ("bad magic", "t10k-images-idx3-ubyte.gz is not an IDX file (bad magic 00004203)"),
+])
+def test_bad_data_is_named_before_the_run_directory_is_claimed(case, message, tmp_path):
+    """Labels outside the classes (before: IndexError at the first step, naming no file), test images of another
+    size (before: accepted), counts, truncation, bad magic (before: a traceback after the claim): exit 2, the
+    file named, nothing claimed."""
+    root = _broken_fmnist(tmp_path / "data", case)
+    out = train(["batch=2"], tmp_path / "runs", root, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -51,16 +51,35 @@ def _find(root: Path, stem: str) -> Path:
         f"FMNIST_ROOT to a folder holding the four IDX files.")
 
 
-def check_fmnist_root(root) -> Path:
-    """``root`` holding the four IDX files, or a DataConfigError saying what is missing and how to get it."""
+def check_fmnist_root(root, num_classes: int | None = None) -> Path:
+    """``root`` holding the four IDX files, each readable (magic, header, length), images and labels of each split
+    in equal numbers, train and test images of one size, labels in [0, num_classes): else a DataConfigError
+    naming the file, the key and the value (before a run directory is claimed). Reads every file once."""
     root = Path(root) if root not in (None, "", "None") else FMNIST_DEFAULT_ROOT
     try:
-        for stems in _FILES.values():
-            for stem in stems:
-                _find(root, stem)
-    except FileNotFoundError as err:
+        shapes = {}
+        for split, (images_stem, labels_stem) in _FILES.items():
+            images_file, labels_file = _find(root, images_stem), _find(root, labels_stem)
+            images, labels = read_idx(images_file), read_idx(labels_file)
+            _check_split(images_file, images, labels_file, labels)
+            bad = labels[(labels < 0) | (labels >= num_classes)] if num_classes is not None else labels[:0]
+            if len(bad):
+                raise ValueError(f"{labels_file}: {len(bad)} label(s) outside [0, data.num_classes={num_classes}), "
+                                 f"e.g. {int(bad[0])}")
+            shapes[split] = (images_file, images.shape[1:])
+        (train_file, train_shape), (test_file, test_shape) = shapes["train"], shapes["test"]
+        if train_shape != test_shape:
+            raise ValueError(f"{test_file}: images of {test_shape[0]}x{test_shape[1]} but the training images "
+                             f"({train_file}) are {train_shape[0]}x{train_shape[1]}")
+    except (FileNotFoundError, ValueError) as err:
         raise DataConfigError(f"data.root={root}: {err}") from err
     return root
+
+
+def _check_split(images_file: Path, images: np.ndarray, labels_file: Path, labels: np.ndarray) -> None:
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{images_file} / {labels_file}: shapes {images.shape} and {labels.shape} do not match "
+                         f"(N images of HxW and N labels expected)")
 
 
 class FashionMNIST(Dataset):
@@ -72,8 +91,7 @@ class FashionMNIST(Dataset):
         self.root = Path(root) if root is not None else FMNIST_DEFAULT_ROOT
         images_file, labels_file = (_find(self.root, stem) for stem in _FILES[split])
         images, labels = read_idx(images_file), read_idx(labels_file)
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"{images_file} / {labels_file}: shapes {images.shape} and {labels.shape} do not match")
+        _check_split(images_file, images, labels_file, labels)
         self.images = torch.from_numpy(images.copy()).unsqueeze(1)
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.transform = transform

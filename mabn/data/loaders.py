@@ -159,7 +159,8 @@ def _imagenet(data_cfg, seed: int):
     return SeededAugment(train, train_tf, seed), val
 
 
-@register_dataset("fmnist", task="classification", in_channels=1, check=lambda d: check_fmnist_root(d["root"]))
+@register_dataset("fmnist", task="classification", in_channels=1,
+                  check=lambda d: check_fmnist_root(d["root"], d.get("num_classes")))
 def _fmnist(data_cfg, seed: int):
     to_float = transforms.Compose([transforms.ConvertImageDtype(torch.float32),
                                    transforms.Normalize(FMNIST_MEAN, FMNIST_STD)])
