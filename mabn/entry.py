@@ -50,6 +50,8 @@ def config_failure(err: ConfigError, run_dir: Path | None = None) -> int:
                          or (p.name == "checkpoints" and not any(p.iterdir()))))]
         if not own:
             shutil.rmtree(run_dir, ignore_errors=True)
+        else:  # a resumed run refused after its claim: its start never trained, and run.json says why
+            rundir.mark_failed(run_dir, f"config error: {err}")
     return EXIT_CONFIG
 
 
@@ -64,6 +66,10 @@ def run_job(body: Callable[[StopSignals], int], run_dir: Path | None = None) -> 
         dist.barrier()
     except ConfigError as err:
         code = config_failure(err, run_dir)
+    except Exception as err:  # the traceback follows; run.json says this start ended before a step, and why
+        if run_dir is not None and dist.rank() == 0:
+            rundir.mark_failed(run_dir, f"{type(err).__name__}: {err}")
+        raise
     finally:
         dist.cleanup()
         rundir.release()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import dist
+from . import dist, rundir
 from .checkpoint import (
     Checkpoint,
     Checkpointer,
@@ -200,6 +200,8 @@ class TrainLoop:
     def _on_step(self, it: int, metrics: dict) -> bool:
         """After each step: log, progress, then agree on a stop and checkpoint (the same step on every rank)."""
         self._steps += 1
+        if self._steps == 1 and self.info.is_main:  # run.json: this start trained
+            rundir.mark_trained(self.recorder.run_dir)
         self.state["iter"], self.state["iter_in_epoch"] = it, self.state["iter_in_epoch"] + 1
         if it % self.s.log_every == 0:
             if self.info.world_size > 1:  # the same step on every rank: the loss is averaged over ranks

@@ -211,7 +211,8 @@ def _provenance(records: list[dict]) -> list[str]:
 
 def _commits(record: dict) -> str:
     """The commit a record's run trained on; a run resumed on other code, each of its starts' in order."""
-    shas = list(dict.fromkeys(start.get("git_sha") or "unrecorded" for start in record.get("starts") or []))
+    trained = [s for s in record.get("starts") or [] if s.get("trained", True)]  # a start that never stepped: no
+    shas = list(dict.fromkeys(start.get("git_sha") or "unrecorded" for start in trained))
     return " then ".join(shas) if len(shas) > 1 else str(record.get("git_sha"))
 
 

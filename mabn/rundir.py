@@ -222,11 +222,46 @@ def record_config(run_dir: Path, cfg: dict, *, resuming: bool = False) -> None:
     old = json.loads(path.read_text()) if path.exists() else {}
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     earlier = old.get("starts", [{"started": None, "git_sha": None}]) if resuming else []  # a checkpoint: ran
+    # a start is "trained" once its first step has run (mark_trained); until then it says so, and a start that
+    # fails before its first step says why (mark_failed)
     record = {"identity": identity(cfg), "created": old.get("created", now), "config": cfg,
-              "starts": earlier + [{"started": now, "git_sha": git_sha()}]}
+              "starts": earlier + [{"started": now, "git_sha": git_sha(), "trained": False}]}
+    _write_run_file(path, record)
+
+
+def _write_run_file(path: Path, record: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
+
+
+def _update_last_start(run_dir: Path, **fields) -> None:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return
+    record = json.loads(path.read_text())
+    if record.get("starts"):
+        record["starts"][-1].update(fields)
+        _write_run_file(path, record)
+
+
+def mark_trained(run_dir: Path) -> None:
+    """This start's first step has run: run.json records it as a start that trained."""
+    _update_last_start(run_dir, trained=True)
+
+
+def mark_failed(run_dir: Path, reason: str) -> None:
+    """This start ended before its first step: run.json says why (a start that trained keeps its record)."""
+    path = Path(run_dir) / RUN_FILE
+    if path.is_file():
+        starts_ = json.loads(path.read_text()).get("starts") or [{}]
+        if starts_[-1].get("trained") is False:
+            _update_last_start(run_dir, failed=reason)
+
+
+def trained_starts(run_dir: Path) -> list[dict]:
+    """The starts that ran at least one step (records from before the flag count as trained)."""
+    return [s for s in starts(run_dir) if s.get("trained", True)]
 
 
 def starts(run_dir: Path) -> list[dict]:

@@ -389,3 +389,25 @@ def test_run_directory_lock_is_released_when_the_job_ends(tmp_path):
         assert rundir.hold(tmp_path) == []
     finally:
         rundir.release()
+
+
+def test_run_json_records_only_starts_that_trained_or_why_one_did_not(tmp_path):
+    """A start that fails before its first step (every training image unreadable: the first batch raises) is in
+    run.json as not trained, with the reason, and no summary.json claims a run; one that steps is marked trained.
+    The results' provenance counts the commits of starts that trained (tests/test_results.py)."""
+    root = make_imagefolder(tmp_path / "imagefolder")
+    base = ["data=imagenet", "data.image_size=32", "data.batch_size=4", "data.workers=0", "model=resnet18",
+            "logger=none", "epochs=1", "train.max_iters_per_epoch=2", "optim.lr=0.05", "data.num_classes=3",
+            "norm=bn", "batch=4"]
+    good = train([], tmp_path / "good", root, base=base)
+    assert good.returncode == 0
+    [start] = json.loads((run_dir(tmp_path / "good") / "run.json").read_text())["starts"]
+    assert start["trained"] is True and "failed" not in start
+    for image in (root / "train").rglob("*.JPEG"):
+        image.write_bytes(b"not a jpeg")
+    out = train([], tmp_path / "bad", root, base=base, check=False)
+    assert out.returncode != 0 and "cannot read image" in out.stderr, out.stderr[-2000:]
+    d = run_dir(tmp_path / "bad")
+    [start] = json.loads((d / "run.json").read_text())["starts"]
+    assert start["trained"] is False and start["failed"].startswith("RuntimeError: cannot read image"), start
+    assert not (d / "summary.json").exists()

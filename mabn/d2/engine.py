@@ -22,7 +22,16 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from mabn.dist import all_reduce_max
 
 from .events import WandbWriter
-from .hooks import FiniteWeights, MetricPrinter, RankCheckpointer, RankState, StopHook, StopTraining, WallClock
+from .hooks import (
+    FiniteWeights,
+    FirstStep,
+    MetricPrinter,
+    RankCheckpointer,
+    RankState,
+    StopHook,
+    StopTraining,
+    WallClock,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +169,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, train_loade
         hooks.EvalHook(schedule.eval_period, run_eval),
         hooks.PeriodicWriter(writers, period=schedule.log_period),
         StopHook(checkpointer.save, stop_requested, stop_after, preempted_code),
+        *([FirstStep(output_dir)] if comm.is_main_process() else []),
     ])
     start_iter = 0
     if resume and checkpointer.has_checkpoint():

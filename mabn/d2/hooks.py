@@ -45,6 +45,20 @@ class MetricPrinter(CommonMetricPrinter):
             super().write()
 
 
+class FirstStep(HookBase):
+    """After this start's first step: run.json records it as a start that trained (``rundir.mark_trained``)."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.done = run_dir, False
+
+    def after_step(self) -> None:
+        if not self.done:
+            from mabn import rundir
+
+            rundir.mark_trained(self.run_dir)
+            self.done = True
+
+
 class WallClock(HookBase):
     """Training wall time that survives a resume: it is part of the trainer's checkpointed state."""
 
