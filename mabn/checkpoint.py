@@ -8,6 +8,8 @@ to the one before; ``best.pt`` is a link to the best epoch's. No checkpoint ever
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import random
 from dataclasses import dataclass
@@ -108,13 +110,24 @@ def read(path: str | Path) -> Checkpoint:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Serialize in memory, write to a temporary file in the same folder, fsync, then rename over ``path``.
+    Any failure removes the temporary file and raises a CheckpointError naming the errno: torch.save writing
+    to a full disk itself says only "[enforce fail at inline_container.cc] unexpected pos", so the bytes are
+    written here, where the OSError (ENOSPC, EDQUOT, EIO) keeps its errno."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        name = errno.errorcode.get(err.errno, "?") if err.errno else "no errno"
+        raise CheckpointError(f"writing {path.name} failed: {name}: {err.strerror or err}; the partial file was "
+                              f"removed") from err
 
 
 class Checkpointer:

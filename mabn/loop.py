@@ -150,7 +150,7 @@ class TrainLoop:
                        "config": self.config, "state": {**self.state, "elapsed": self.elapsed()}}
             try:
                 self.ckpt.save(payload, best=best)
-            except (OSError, CheckpointError) as err:  # a full disk: every rank stops, none waits
+            except Exception as err:  # noqa: BLE001 - a full disk, or any failure: every rank stops, none waits
                 error = f"cannot write a checkpoint in {self.ckpt.dir}: {err}"
         if self.info.world_size > 1:
             error = dist.broadcast_object(error)
@@ -213,8 +213,12 @@ class TrainLoop:
         if self.p.tracer is not None:
             self._arm_tracer(it + 1)
         signum = self.stops.signum
+        if self.recorder.write_error is not None:  # the records could not be written: stop here, every rank
+            signum = RECORDS_FAILED
         if self.info.world_size > 1:  # a signal seen by any rank stops all of them, with its name
             signum = int(dist.all_reduce_max(torch.tensor([signum], device=self.p.ctx.device)).item())
+        if signum == RECORDS_FAILED:
+            raise CheckpointError(self.recorder.write_error or "rank 0 could not append to metrics.jsonl")
         self._maybe_freeze(it)
         requested = self.s.stop_after is not None and self._steps >= self.s.stop_after
         self._stop = (signum, requested)
@@ -277,6 +281,9 @@ class TrainLoop:
         why = self.stops.describe(signum) if signum else "train.stop_after_iters"
         message = f"stopped by {why} at iteration {self.state['iter']}; checkpoint {self.ckpt.last}"
         return Outcome("stopped", EXIT_PREEMPTED if signum else 0, message, self.state)
+
+
+RECORDS_FAILED = 1 << 16  # above every signal number: the stop agreed when rank 0 cannot write its records
 
 
 def _eval_name(row: dict) -> str:

@@ -95,6 +95,7 @@ class RunRecorder:
 
     def __init__(self, run_dir: Path, *, enabled: bool, wandb_cfg: dict, config: dict, name: str):
         self.run_dir, self.enabled, self.wandb = Path(run_dir), enabled, None
+        self.write_error: str | None = None  # a metrics line that could not be written (TrainLoop stops on it)
         self.wandb_id = None
         if not enabled:
             return
@@ -127,8 +128,12 @@ class RunRecorder:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: the loop stops every rank at this step (write_error)
+            self.write_error = f"cannot append to {self.metrics_path}: {err}"
+            return
         if self.wandb is not None:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("iter", "time")}
             self.wandb.log(scalars, step=record.get("iter"))
