@@ -103,7 +103,12 @@ class SweepSummary(_hydra_callback_base()):
             path.unlink()  # an interrupted sweep's cells: this run reports its own
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
         from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return  # a single run: no sweep to summarize, no sweep directory to make
 
         code = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
         failed = job_return.status != JobStatus.COMPLETED or (isinstance(code, int) and code != 0)

@@ -139,52 +139,57 @@ def _gap_text(iv: Interval | None) -> str:
     return f"{iv.mean:+.2f}" + (f" [{iv.low:+.2f}, {iv.high:+.2f}]" if iv.half is not None else "")
 
 
-def claims(g: dict, small: int = 2, large: int = 32) -> list[str]:
-    """Wu & Johnson's findings, each judged by a 95 % interval."""
-    out = []
-    bn_ns = sorted({n for (norm, n, _) in g if norm == "bn"})
-    # 1. the EMA − precise gap grows as n shrinks
+def _per_seed_gap(g: dict, n: int, a: str, b: str) -> list[float]:
+    key_a, key_b = ("bn", n, a), ("bn", n, b)
+    return [g[key_a][s] - g[key_b][s] for s in set(g.get(key_a, {})) & set(g.get(key_b, {}))]
+
+
+def _gap_claim(g: dict, bn_ns: list[int], small: int, large: int) -> str:
+    """1. The EMA − precise gap grows as n shrinks."""
     gaps = {n: _paired(g, ("bn", n, "ema"), ("bn", n, "precise_N")) for n in bn_ns}
     line = ", ".join(f"n={n}: {_gap_text(gaps[n])}" for n in bn_ns if gaps[n] is not None)
     grow = None
     if gaps.get(small) and gaps.get(large) and gaps[small].half is not None and gaps[large].half is not None:
-        small_gap = [g[("bn", small, "ema")][s] - g[("bn", small, "precise_N")][s]
-                     for s in set(g[("bn", small, "ema")]) & set(g[("bn", small, "precise_N")])]
-        large_gap = [g[("bn", large, "ema")][s] - g[("bn", large, "precise_N")][s]
-                     for s in set(g[("bn", large, "ema")]) & set(g[("bn", large, "precise_N")])]
-        diff = unpaired(small_gap, large_gap)
+        diff = unpaired(_per_seed_gap(g, small, "ema", "precise_N"), _per_seed_gap(g, large, "ema", "precise_N"))
         grow = diff is not None and diff.low > 0
         line += f"; gap at n={small} − gap at n={large}: {_gap_text(diff)}"
-    out.append(f"1. The EMA − precise (B = N) gap grows as n shrinks (Wu & Johnson: −0.2 at 32, +3.5 at 2): "
-               f"{_verdict(grow)}. bn, paired per seed, points of error: {line}.")
-    # 2. B = 100 reaches the plateau (B = N), for every norm and n measured
+    return (f"1. The EMA − precise (B = N) gap grows as n shrinks (Wu & Johnson: −0.2 at 32, +3.5 at 2): "
+            f"{_verdict(grow)}. bn, paired per seed, points of error: {line}.")
+
+
+def _plateau_claims(g: dict, bn_ns: list[int]) -> list[str]:
+    """2. B = 100 reaches the plateau (B = N), for every norm and n measured; and B = n beside it."""
     rows, ok = [], []
     for (norm, n, t) in sorted(g):
-        if t != "precise_100":
-            continue
-        d = _paired(g, (norm, n, "precise_100"), (norm, n, "precise_N"))
+        d = _paired(g, (norm, n, "precise_100"), (norm, n, "precise_N")) if t == "precise_100" else None
         if d is None:
             continue
         rows.append(f"{norm}@{n} {_gap_text(d)}" + (" (one seed: not judged)" if d.half is None else ""))
         if d.half is not None:
             ok.append(d.low >= -PLATEAU_MARGIN and d.high <= PLATEAU_MARGIN)
-    plateau = all(ok) if ok else None
-    out.append(f"2. B ≈ 100 reaches the plateau (Wu & Johnson: B = 100 equals B = N to 0.0 at both n): "
-               f"{_verdict(plateau)}, judged as the paired interval of B = 100 − B = N inside ±{PLATEAU_MARGIN}: "
-               + "; ".join(rows) + ".")
     small_b = [(n, _paired(g, ("bn", n, "precise_n"), ("bn", n, "precise_N"))) for n in bn_ns]
-    out.append("   Estimating at B = n instead (the old PreciseBN here), bn: "
-               + "; ".join(f"n={n} {_gap_text(d)}" for n, d in small_b if d is not None)
-               + " (Wu & Johnson at NBS 32, B = 2: +5.3).")
-    # 3. the shape of the n curve with population statistics: flat at large n, rising at small n
+    return [f"2. B ≈ 100 reaches the plateau (Wu & Johnson: B = 100 equals B = N to 0.0 at both n): "
+            f"{_verdict(all(ok) if ok else None)}, judged as the paired interval of B = 100 − B = N inside "
+            f"±{PLATEAU_MARGIN}: " + "; ".join(rows) + ".",
+            "   Estimating at B = n instead (the old PreciseBN here), bn: "
+            + "; ".join(f"n={n} {_gap_text(d)}" for n, d in small_b if d is not None)
+            + " (Wu & Johnson at NBS 32, B = 2: +5.3)."]
+
+
+def _curve_claim(g: dict, bn_ns: list[int], small: int, large: int) -> str:
+    """3. The shape of the n curve with population statistics: flat at large n, rising at small n."""
     curve = {n: interval(_values(g, ("bn", n, "precise_N"))) for n in bn_ns}
     rise = unpaired(_values(g, ("bn", small, "precise_N")), _values(g, ("bn", large, "precise_N")))
     shape = None if rise is None else rise.low > 0
-    out.append(f"3. The n curve with population statistics is flat at large n and rises at small n (Wu & "
-               f"Johnson, B = N: 23.5 at 32 and 16, 24.3 at 8, 26.4 at 4, 32.5 at 2): {_verdict(shape)} "
-               f"(rise n={small} over n={large}: {_gap_text(rise)}). bn, B = N: "
-               + ", ".join(f"n={n} {curve[n].text()}" for n in bn_ns if curve[n]) + ".")
-    # 4. freezing, or batch statistics at test, removes most of the small-n loss
+    return (f"3. The n curve with population statistics is flat at large n and rises at small n (Wu & "
+            f"Johnson, B = N: 23.5 at 32 and 16, 24.3 at 8, 26.4 at 4, 32.5 at 2): {_verdict(shape)} "
+            f"(rise n={small} over n={large}: {_gap_text(rise)}). bn, B = N: "
+            + ", ".join(f"n={n} {curve[n].text()}" for n in bn_ns if curve[n]) + ".")
+
+
+def _recovery_claims(g: dict, small: int, large: int) -> list[str]:
+    """4, 5. Freezing, or batch statistics at test, removes most of the small-n loss."""
+    out = []
     loss = unpaired(_values(g, ("bn", small, "ema")), _values(g, ("bn", large, "ema")))
     for item, t, words, paper in ((4, "frozen", "freezing the norms for the last 20 %", "frozen 25.2 against "
                                    "EMA 35.5: 87 %"),
@@ -201,7 +206,14 @@ def claims(g: dict, small: int = 2, large: int = 32) -> list[str]:
                    f"loss against EMA at 32: {paper}): {_verdict(holds)}, {share:.0%} of bn's loss at n={small} "
                    f"(EMA@{small} − EMA@{large} = {_gap_text(loss)}; EMA@{small} − {t}@{small} = "
                    f"{_gap_text(gain)}).")
-    # mabn and brn: their EMA against their population statistics
+    return out
+
+
+def claims(g: dict, small: int = 2, large: int = 32) -> list[str]:
+    """Wu & Johnson's findings, each judged by a 95 % interval; then mabn's and brn's EMA − precise gaps."""
+    bn_ns = sorted({n for (norm, n, _) in g if norm == "bn"})
+    out = [_gap_claim(g, bn_ns, small, large), *_plateau_claims(g, bn_ns), _curve_claim(g, bn_ns, small, large),
+           *_recovery_claims(g, small, large)]
     others = []
     for norm in sorted({norm for (norm, _, _) in g} - {"bn"}):
         for n in sorted({n for (m, n, _) in g if m == norm}):

@@ -52,6 +52,7 @@ def test_trains_evaluates_and_records(tmp_path):
     assert any("bbox/AP" in x and "segm/AP" in x for x in lines)
     assert list((d / "wandb").glob("offline-run-*")) and summary["wandb_id"]
     assert "done: box AP" in out.stdout and (d / "checkpoints" / "model_final.pth").exists()
+    assert [s["trained"] for s in summary["starts"]] == [True]  # marked once its first step ran
 
 
 def test_resume_after_a_stop_continues_exactly(tmp_path):

@@ -168,8 +168,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, train_loade
         hooks.PeriodicCheckpointer(checkpointer, schedule.ckpt_period, max_to_keep=2),
         hooks.EvalHook(schedule.eval_period, run_eval),
         hooks.PeriodicWriter(writers, period=schedule.log_period),
-        StopHook(checkpointer.save, stop_requested, stop_after, preempted_code),
-        *([FirstStep(output_dir)] if comm.is_main_process() else []),
+        StopHook(checkpointer.save, stop_requested, stop_after, preempted_code), FirstStep(output_dir),
     ])
     start_iter = 0
     if resume and checkpointer.has_checkpoint():

@@ -53,9 +53,12 @@ class FirstStep(HookBase):
 
     def after_step(self) -> None:
         if not self.done:
+            from detectron2.utils import comm
+
             from mabn import rundir
 
-            rundir.mark_trained(self.run_dir)
+            if comm.is_main_process():  # rank 0 writes run.json
+                rundir.mark_trained(self.run_dir)
             self.done = True
 
 
