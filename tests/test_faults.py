@@ -473,3 +473,40 @@ def test_a_metrics_line_on_a_real_full_disk_is_kept_as_an_error_not_raised(small
     recorder.log({"iter": 2, "train/loss": 1.0})
     assert recorder.write_error and "No space left on device" in recorder.write_error
     recorder.close()
+
+
+def _session(sid: int) -> list[int]:
+    """The pids of the live (not zombie) processes in session ``sid``."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # (state, ppid, pgrp, session, ...)
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_kill_9_of_the_trainer_leaves_no_loader_process(tmp_path, data_root):
+    """kill -9 of the trainer (what the OOM killer does) with data.workers=2: before, its fork server, both
+    workers and the resource tracker lived on (~1.6 GB, for ever: the stop signals are blocked in them and the
+    workers' parent, the server, was alive). Now the server dies with the trainer and the workers with the
+    server: nothing of the run's session is left after 10 s."""
+    proc = _popen(["norm=bn", "batch=8", "epochs=1000", "train.max_iters_per_epoch=null", "data.workers=2"],
+                  tmp_path, data_root)
+    try:
+        _wait_for("*/metrics.jsonl", tmp_path)
+        time.sleep(1.0)  # inside an epoch: the fork server and two workers are running
+        assert len(_session(proc.pid)) >= 4, _session(proc.pid)  # trainer, server, tracker, workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 10
+        while _session(proc.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        left = _session(proc.pid)
+    finally:
+        proc.kill()
+        for pid in _session(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left if Path(f"/proc/{p}").exists()]

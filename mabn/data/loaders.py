@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
+from ._die_with_parent import die_with_parent
 from .fmnist import FashionMNIST, check_fmnist_root
 from .registry import DataConfigError, dataset_spec, register_dataset
 
@@ -177,9 +178,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 def ignore_stop_signals(_worker_id: int) -> None:
     """Loader workers ignore the stop signals: Ctrl-C, ``timeout`` and SLURM signal the whole process group,
     and torch's worker handler re-raises SIGTERM from anyone but the parent, killing the worker mid-epoch.
-    The main process checkpoints at the next step and shuts its workers down itself."""
+    The main process checkpoints at the next step and shuts its workers down itself. A worker dies with its
+    parent (the fork server, or the trainer where it forks): ``_die_with_parent``."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent()
 
 
 def worker_context():
@@ -231,7 +234,7 @@ def _preload() -> list[str]:
     Measured here, two workers over a 64-sample loader: ~3.5 s an epoch without, ~0.1 s with torch preloaded;
     a 10-epoch tiny train_imagenet run with two workers: 7 s forked, 10-12 s from the server, 71-77 s from a
     server without the preload."""
-    names = {"torch", __name__}
+    names = {"torch", __name__, "mabn.data._server_dies_with_parent"}  # the last: the server dies with the trainer
     for value in vars(sys.modules["__main__"]).values():
         name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
         if isinstance(name, str) and name.split(".")[0] not in _NOT_PRELOADED:
