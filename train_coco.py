@@ -54,7 +54,7 @@ def main(cfg: DictConfig) -> int:
     if ranks_from_env:  # torchrun or SLURM started one process per device
         from mabn.d2 import engine
 
-        info = dist.init_distributed(cfg.train.device)
+        info = dist.init_distributed(cfg.train.device, cfg.train.get("dist_timeout_s", 600))
         engine.create_local_process_group(dist.local_world_size())
         code = _worker(cfg, plan, info, job)
     elif world > 1:  # detectron2's launch() starts the processes on this machine
@@ -62,7 +62,8 @@ def main(cfg: DictConfig) -> int:
 
         code = engine.launch(_spawned_worker, world, args=(cfg, plan, job))
     else:
-        code = _worker(cfg, plan, dist.init_distributed(cfg.train.device), job)
+        info = dist.init_distributed(cfg.train.device, cfg.train.get("dist_timeout_s", 600))
+        code = _worker(cfg, plan, info, job)
     return finish(code)
 
 

@@ -40,7 +40,8 @@ from mabn.records import RunRecorder, truncate_jsonl
 def main(cfg: DictConfig) -> int:
     run_dir = Path(cfg.run.dir)
     try:
-        info = dist.init_distributed(cfg.train.device)  # train.device=cuda without a GPU is named here
+        # train.device=cuda without a GPU, or a bad train.dist_timeout_s, is named here
+        info = dist.init_distributed(cfg.train.device, cfg.train.get("dist_timeout_s", 600))
         plan = validate(cfg, info.world_size, info.device.type)
     except (ConfigError, ValueError) as err:
         dist.cleanup()

@@ -237,6 +237,7 @@ def validate(cfg, world_size: int = 1, device_type: str = "cpu") -> NormContext:
     _check_cuda_graphs(cfg, world_size, device_type)
     _check_fused(cfg, device_type)
     _check_workers(cfg)
+    _positive_int(cfg.train.get("dist_timeout_s", 600), "train.dist_timeout_s")
     _positive_int(cfg.epochs, "epochs")
     for key in ("ckpt_every_iters", "log_every", "keep_last"):
         _positive_int(cfg.train[key], f"train.{key}")
@@ -264,6 +265,7 @@ def validate_detection(cfg, world_size: int = 1, device_type: str = "cpu") -> No
     _check_norm_and_optim(cfg, plan)
     _check_fused(cfg, device_type)
     _check_workers(cfg)
+    _positive_int(cfg.train.get("dist_timeout_s", 600), "train.dist_timeout_s")
     solver = cfg.solver
     max_iter = _positive_int(solver.max_iter, "solver.max_iter")
     steps = list(solver.steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 import subprocess
@@ -71,8 +72,12 @@ def info_from_process_group(device: str, local_world: int) -> DistInfo:
     return DistInfo(rank, world, local, torch.device("cuda", local) if use_cuda else torch.device("cpu"))
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun/SLURM (gloo on CPU, NCCL on GPU)."""
+def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
+    """Initialise the process group when launched by torchrun/SLURM (gloo on CPU, NCCL on GPU). ``timeout_s``
+    (``train.dist_timeout_s``) bounds every collective: a rank that stalls or dies ends the job after it
+    (``collective_timeout_message``), where gloo would wait 30 minutes and NCCL as its build says."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int) or timeout_s < 1:
+        raise ValueError(f"train.dist_timeout_s must be a positive number of seconds, got {timeout_s!r}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
@@ -85,8 +90,25 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    TIMEOUT_S[0] = timeout_s
     return DistInfo(rank, world, local, torch.device("cuda", local) if use_cuda else torch.device("cpu"))
+
+
+TIMEOUT_S = [600]  # the process group's collective timeout (train.dist_timeout_s), for the message below
+
+
+def collective_timeout_message(err: BaseException) -> str | None:
+    """One line for a collective that timed out on this rank (a stalled or dead peer), else None."""
+    text = str(err)
+    if not (dist.is_available() and dist.is_initialized()) or not any(
+            key in text for key in ("Timed out", "timed out", "Timeout", "timeout")):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()} waited train.dist_timeout_s={TIMEOUT_S[0]} s in a "
+            f"collective and gave up: another rank stalled or died ({first[:200]}); rerun the command to resume "
+            f"from the last checkpoint")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -12,7 +13,7 @@ import torch
 
 from . import dist, rundir
 from .config import ConfigError
-from .loop import EXIT_NONFINITE
+from .loop import EXIT_FAILED, EXIT_NONFINITE
 from .preemption import EXIT_PREEMPTED, StopSignals, end_job
 from .records import git_sha, hardware
 
@@ -69,7 +70,12 @@ def run_job(body: Callable[[StopSignals], int], run_dir: Path | None = None) -> 
     except Exception as err:  # the traceback follows; run.json says this start ended before a step, and why
         if run_dir is not None and dist.rank() == 0:
             rundir.mark_failed(run_dir, f"{type(err).__name__}: {err}")
-        raise
+        timeout = dist.collective_timeout_message(err)
+        if timeout is None:
+            raise
+        print(f"error: {timeout}", file=sys.stderr, flush=True)  # a lost rank: one line, no traceback
+        rundir.release()
+        os._exit(EXIT_FAILED)  # the group cannot be torn down with a peer gone: leave without waiting on it
     finally:
         dist.cleanup()
         rundir.release()

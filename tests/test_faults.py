@@ -2,6 +2,7 @@
 what really ran (stop signals to the whole process group, restarts without a checkpoint, divergence, changed
 settings on resume, torn files, unwritable run directories, bad hyper-parameters, skipped images, DDP stops)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -510,3 +511,34 @@ def test_kill_9_of_the_trainer_leaves_no_loader_process(tmp_path, data_root):
         for pid in _session(proc.pid):
             os.kill(pid, signal.SIGKILL)
     assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left if Path(f"/proc/{p}").exists()]
+
+
+def test_a_stalled_ddp_rank_ends_the_job_after_the_timeout_in_one_line(tmp_path, data_root):
+    """SIGSTOP one rank (a hung node): before, the other waited in its collective for gloo's 30 minutes with no
+    message. Now train.dist_timeout_s bounds the wait: the waiting rank says, in one line, which rank it is, what
+    it waited for and that a rerun resumes, and the job ends, its checkpoint there to resume from."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(tmp_path)}
+    args = [*TINY, f"data.root={data_root}", "norm=bn", "batch=2", "epochs=1000", "train.max_iters_per_epoch=null",
+            "train.dist_timeout_s=10", "train.ckpt_every_iters=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_imagenet.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank1 = None
+    try:
+        _wait_for("*/checkpoints/last.pt", tmp_path)
+        (rank1,) = [p for p in _children(proc.pid) if _rank_of(p) == 1]
+        os.kill(rank1, signal.SIGSTOP)
+        start = time.time()
+        stdout, stderr = proc.communicate(timeout=150)
+        waited = time.time() - start
+    finally:
+        if rank1 is not None:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rank1, sig)
+        proc.kill()
+    assert proc.returncode != 0 and waited < 120, (waited, stderr[-3000:])
+    line = next((x for x in stderr.splitlines() if x.startswith("error: rank 0 of 2 waited train.dist_timeout_s=10 s "
+                                                                 "in a collective")), None)
+    assert line and "rerun the command to resume from the last checkpoint" in line, stderr[-3000:]
+    assert (run_dir(tmp_path) / "checkpoints" / "last.pt").exists()
