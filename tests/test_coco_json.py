@@ -39,7 +39,8 @@ def _write(path, content):
 
 
 @pytest.mark.parametrize("case", ["unset", "missing_file", "missing_folder", "wrong_folder", "not_json",
-                                  "no_categories", "other_categories", "num_classes", "polygon_with_rle"])
+                                  "no_categories", "other_categories", "num_classes", "polygon_with_rle",
+                                  "unknown_category", "no_annotations"])
 def test_bad_files_are_named_before_anything_starts(files, tmp_path, case):
     from mabn.config import ConfigError, validate_detection
 
@@ -67,10 +68,47 @@ def test_bad_files_are_named_before_anything_starts(files, tmp_path, case):
     elif case == "num_classes":
         extra = {"num_classes": 80}
         message = "data.num_classes=80 disagrees with the 4 categories of data.train_json="
+    elif case == "unknown_category":  # before: detectron2's KeyError after the start
+        anns = [{**val["annotations"][0], "category_id": 999}] + val["annotations"][1:]
+        paths["val_json"] = _write(tmp_path / "v.json", {**val, "annotations": anns})
+        message = f"data.val_json={tmp_path / 'v.json'}: 1 annotation"  # (s) with a category_id not in ...
+    elif case == "no_annotations":  # before: an AssertionError
+        paths["val_json"] = _write(tmp_path / "v.json", {**val, "annotations": []})
+        message = f"data.val_json={tmp_path / 'v.json'} has an empty annotations list"
     else:
         extra, message = {"mask_format": "polygon"}, "data.mask_format=polygon, but data.train_json="
     with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[").replace(".", r"\.")):
         validate_detection(compose_coco(*_overrides(paths, **extra)))
+
+
+def test_a_missing_image_or_odd_boxes_are_named_through_train_coco(files, tmp_path, caplog):
+    """An image listed but missing on disk, not the first (before: a FileNotFoundError inside the training loop
+    at whatever iteration drew it): exit 2 naming it, before the claim. Annotations of unlisted images and boxes
+    of no size: warnings with their counts (before: dropped silently)."""
+    import logging
+    import shutil
+
+    from mabn.config import validate_detection
+
+    images = tmp_path / "val_images"
+    shutil.copytree(files["val_images"], images)
+    listed = json.loads(files["val_json"].read_text())["images"]
+    (images / listed[-1]["file_name"]).unlink()
+    base = tuple(a for a in TINY if not a.startswith(("experiment=", "data.")))
+    out = train_coco([*_overrides({**files, "val_images": images}), "norm=gn", "batch=2"], tmp_path / "runs",
+                     tmp_path, check=False, base=base)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert (f"data.val_images={images} lacks {listed[-1]['file_name']}, an image of data.val_json (1 of its "
+            f"{len(listed)} images missing)") in out.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    val = json.loads(files["val_json"].read_text())
+    odd = [{**val["annotations"][0], "image_id": 10**9}, {**val["annotations"][1], "bbox": [1, 1, 0, 5]},
+           *val["annotations"][2:]]
+    paths = {**files, "val_json": _write(tmp_path / "v.json", {**val, "annotations": odd})}
+    with caplog.at_level(logging.WARNING, logger="mabn.data.coco_json"):
+        validate_detection(compose_coco(*_overrides(paths)))
+    assert "1 annotation(s) of image ids not in its images are ignored" in caplog.text
+    assert "1 box(es) of non-positive width or height are dropped in training" in caplog.text
 
 
 def test_evaluation_maps_noncontiguous_ids_back(files, tmp_path):

@@ -10,12 +10,14 @@ detectron2.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from .registry import DataConfigError, register_dataset
 
 MASK_FORMATS = ("auto", "polygon", "bitmask")
+logger = logging.getLogger(__name__)
 _SPLITS = {"train": ("train_json", "train_images"), "val": ("val_json", "val_images")}
 
 
@@ -66,13 +68,37 @@ def mask_kinds(content: dict) -> set[str]:
     return kinds
 
 
-def _check_first_image(key: str, folder: Path, content: dict, json_key: str) -> None:
-    """One stat, not one per image: catches an image folder paired with another split's JSON."""
-    if content["images"]:
-        first = folder / content["images"][0]["file_name"]
-        if not first.is_file():
-            raise DataConfigError(f"data.{key}={folder} lacks {first.name}, the first image of "
-                                  f"data.{json_key}")
+def _check_images(key: str, folder: Path, content: dict, json_key: str) -> None:
+    """Every listed image file is there: one stat each, 0.9 s for a listing of COCO train2017's size (118,287
+    images; measured on this 2-core machine's local disk, warm cache). A missing image would otherwise be a
+    FileNotFoundError at whatever iteration first draws it, hours in, and again on every rerun."""
+    missing = [img["file_name"] for img in content["images"] if not (folder / img["file_name"]).is_file()]
+    if missing:
+        raise DataConfigError(f"data.{key}={folder} lacks {Path(missing[0]).name}, "
+                              f"{'the first' if missing[0] == content['images'][0]['file_name'] else 'an'} image of "
+                              f"data.{json_key} ({len(missing)} of its {len(content['images'])} images missing)")
+
+
+def _check_annotations(key: str, path: Path, content: dict) -> None:
+    """Errors: no annotations, or category ids outside the categories (detectron2: a KeyError after the start).
+    Warnings, as detectron2 gives for the first: annotations of images not listed, boxes of no size."""
+    anns = content["annotations"]
+    if not anns:
+        raise DataConfigError(f"data.{key}={path} has an empty annotations list: nothing to train or evaluate on")
+    known = _categories(content)
+    unknown = [a.get("category_id") for a in anns if a.get("category_id") not in known]
+    if unknown:
+        raise DataConfigError(f"data.{key}={path}: {len(unknown)} annotation(s) with a category_id not in its "
+                              f"categories, e.g. {unknown[0]!r} (categories: {sorted(known)})")
+    images = {img["id"] for img in content["images"]}
+    orphans = sum(a.get("image_id") not in images for a in anns)
+    if orphans:
+        logger.warning("data.%s=%s: %d annotation(s) of image ids not in its images are ignored", key, path,
+                       orphans)
+    flat = sum(len(a.get("bbox") or ()) == 4 and (a["bbox"][2] <= 0 or a["bbox"][3] <= 0) for a in anns)
+    if flat:
+        logger.warning("data.%s=%s: %d box(es) of non-positive width or height are dropped in training", key,
+                       path, flat)
 
 
 def _mask_format(data_cfg, kinds: set[str], train_json: Path) -> str:
@@ -95,13 +121,15 @@ def check_coco_json(data_cfg) -> dict[str, Any]:
         json_path = _path(data_cfg, json_key, folder=False)
         folder = _path(data_cfg, image_key, folder=True)
         contents[split] = content = _read_coco(json_key, json_path)
-        _check_first_image(image_key, folder, content, json_key)
+        _check_images(image_key, folder, content, json_key)
         kinds |= mask_kinds(content)
     train, val = (_categories(contents[s]) for s in ("train", "val"))
     if train != val:
         raise DataConfigError(f"data.val_json={data_cfg['val_json']} has categories {sorted(val.items())}, "
                               f"data.train_json={data_cfg['train_json']} has {sorted(train.items())}; "
                               f"both splits need the same categories")
+    for split, (json_key, _) in _SPLITS.items():  # after the categories: an annotation's id is judged by them
+        _check_annotations(json_key, Path(data_cfg[json_key]), contents[split])
     num_classes = data_cfg.get("num_classes")
     if num_classes is not None and num_classes != len(train):
         raise DataConfigError(f"data.num_classes={num_classes} disagrees with the {len(train)} categories of "
