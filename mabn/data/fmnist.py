@@ -51,11 +51,16 @@ def _find(root: Path, stem: str) -> Path:
         f"FMNIST_ROOT to a folder holding the four IDX files.")
 
 
+def fmnist_root(root) -> Path:
+    """``data.root`` as a folder: the given one, or the default (``FMNIST_ROOT``, Debian's package)."""
+    return Path(root) if root not in (None, "", "None") else FMNIST_DEFAULT_ROOT
+
+
 def check_fmnist_root(root, num_classes: int | None = None) -> Path:
     """``root`` holding the four IDX files, each readable (magic, header, length), images and labels of each split
     in equal numbers, train and test images of one size, labels in [0, num_classes): else a DataConfigError
     naming the file, the key and the value (before a run directory is claimed). Reads every file once."""
-    root = Path(root) if root not in (None, "", "None") else FMNIST_DEFAULT_ROOT
+    root = fmnist_root(root)
     try:
         shapes = {}
         for split, (images_stem, labels_stem) in _FILES.items():

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
 from ._die_with_parent import die_with_parent
-from .fmnist import FashionMNIST, check_fmnist_root
+from .fmnist import FashionMNIST, check_fmnist_root, fmnist_root
 from .registry import DataConfigError, dataset_spec, register_dataset
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def _fmnist(data_cfg, seed: int):
                                    transforms.Normalize(FMNIST_MEAN, FMNIST_STD)])
     train_tf = transforms.Compose([transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(),
                                    to_float])
-    root = check_fmnist_root(data_cfg["root"])
+    root = fmnist_root(data_cfg["root"])  # checked, every file read once, in validation (check_fmnist_root)
     train, val = FashionMNIST(root, "train"), FashionMNIST(root, "test", transform=to_float)
     return SeededAugment(train, train_tf, seed), val
 
