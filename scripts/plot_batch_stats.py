@@ -56,9 +56,19 @@ def load_run(run_dir: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories")
     parser.add_argument("--out", type=Path, default=Path("results/diagnostics"))
+    parser.add_argument("--from-json", type=Path, help="re-plot from a batch_stats.json this script wrote (the "
+                        "committed results/diagnostics/batch_stats.json) instead of run directories")
     args = parser.parse_args(argv)
+    if bool(args.runs) == bool(args.from_json):
+        parser.error("give run directories or --from-json, one of the two")
+    if args.from_json:
+        runs = json.loads(args.from_json.read_text())
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot(runs, args.out)
+        print(f"re-plotted {len(runs)} runs from {args.from_json} into {args.out}")
+        return 0
     try:
         runs = [load_run(r) for r in args.runs]
     except FileNotFoundError as err:
@@ -106,11 +116,10 @@ def plot(runs: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for series in sorted({r["series"] for r in runs}):
+    for i, series in enumerate(sorted({r["series"] for r in runs})):
         mine = sorted((r for r in runs if r["series"] == series), key=lambda r: r["n"])
         for ax, key in zip(axes, STATS, strict=True):
-            line, = ax.plot([r["n"] for r in mine], [r[key] for r in mine], marker="o", label=series)
-            _plot_used(ax, key, [(r["n"], r) for r in mine], f"{series}: ", color=line.get_color())
+            _plot_normalized_with(ax, key, [(r["n"], r) for r in mine], series, f"C{i}", "o")
     ns = sorted({r["n"] for r in runs})
     for ax, (key, title) in zip(axes, STATS.items(), strict=True):
         ax.set(title=title, xlabel="normalization batch n", yscale="log", ylabel=key)
@@ -118,41 +127,42 @@ def plot(runs: list[dict], out: Path) -> None:
         ax.set_xticks(ns, [str(n) for n in ns])  # label the batches run, not log-scale minor ticks
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(alpha=0.3)
-    axes[0].legend()
     _legend_used(axes)
     fig.suptitle("Deviation of the batch statistics from their population values (median over steps, layers)")
     fig.tight_layout()
     _save(fig, out / "batch_stats_vs_n")
     for series in sorted({r["series"] for r in runs}):
         fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-        for r in sorted((r for r in runs if r["series"] == series), key=lambda r: r["n"]):
+        for i, r in enumerate(sorted((r for r in runs if r["series"] == series), key=lambda r: r["n"])):
+            layers = [(x["depth"], {**x, "norm": r["norm"]}) for x in r["layers"]]
             for ax, key in zip(axes, STATS, strict=True):
-                line, = ax.plot([x["depth"] for x in r["layers"]], [x[key] for x in r["layers"]], marker=".",
-                                label=f"n={r['n']}")
-                _plot_used(ax, key, [(x["depth"], x) for x in r["layers"]], f"n={r['n']}: ",
-                           color=line.get_color())
+                _plot_normalized_with(ax, key, layers, f"n={r['n']}", f"C{i}", ".")
         for ax, (key, title) in zip(axes, STATS.items(), strict=True):
             ax.set(title=title, xlabel="norm layer (depth)", yscale="log", ylabel=key)
             ax.grid(alpha=0.3)
-        axes[0].legend()
         _legend_used(axes)
         fig.suptitle(f"{series}: batch-statistics deviation per layer")
         fig.tight_layout()
         _save(fig, out / f"batch_stats_by_layer_{series.replace(' ', '_')}")
 
 
-def _plot_used(ax, key: str, points: list[tuple[int, dict]], prefix: str, color) -> None:
-    """Dashed, in the panel of batch statistic ``key``: what MABN used in its place, where recorded."""
-    for used, (panel, words) in USED.items():
-        pts = [(x, row[used]) for x, row in points if used in row]
-        if panel == key and pts:
-            ax.plot(*zip(*pts, strict=True), marker="x", linestyle="--", color=color, label=prefix + words)
+def _plot_normalized_with(ax, key: str, points: list[tuple[int, dict]], label: str, color, marker: str) -> None:
+    """In the panel of batch statistic ``key``, what each norm normalizes with: the batch statistic itself for a
+    norm that uses it; for a norm that replaces it (MABN: χ̄² for σ²_B, Ψ̄ for Ψ_B) the statistic it uses instead,
+    dashed; nothing for one it does without (MABN does not centre: no μ_B, no g_B)."""
+    replaced = {panel: used for used, (panel, _) in USED.items() if points and used in points[0][1]}
+    if replaced.get(key):
+        words = USED[replaced[key]][1]
+        ax.plot([x for x, _ in points], [row[replaced[key]] for _, row in points], marker="x", linestyle="--",
+                color=color, label=f"{label}: {words}")
+    elif not replaced or key not in ("mu_dev", "g_dev"):
+        ax.plot([x for x, _ in points], [row[key] for _, row in points], marker=marker, color=color, label=label)
 
 
 def _legend_used(axes) -> None:
-    """A legend in each panel that shows a used statistic beside its batch statistic."""
-    for ax in axes[1:]:
-        if any(label.endswith(tuple(w for _, w in USED.values())) for label in ax.get_legend_handles_labels()[1]):
+    """A legend in every panel that has curves: which norm's statistic each curve is."""
+    for ax in axes:
+        if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize=7)
 
 
