@@ -542,3 +542,52 @@ def test_a_stalled_ddp_rank_ends_the_job_after_the_timeout_in_one_line(tmp_path,
                                                                  "in a collective")), None)
     assert line and "rerun the command to resume from the last checkpoint" in line, stderr[-3000:]
     assert (run_dir(tmp_path) / "checkpoints" / "last.pt").exists()
+
+
+def _descendants(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_kill_9_of_one_rank_under_torchrun_leaves_no_loader_process(tmp_path, data_root):
+    """Under torchrun each rank runs in a session of its own, so torchrun's cleanup never reached the loader
+    processes of a rank killed with -9 (before: its fork server and workers lived on). Now every process of
+    the job is gone within 10 s of torchrun ending the job."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MABN_RUNS": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_imagenet.py"), *TINY, f"data.root={data_root}", "norm=bn", "batch=2", "epochs=1000",
+           "train.max_iters_per_epoch=null", "data.workers=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job: set[int] = set()
+    try:
+        _wait_for("*/metrics.jsonl", tmp_path)
+        deadline = time.time() + 60  # two ranks, each with a fork server, a resource tracker and two workers
+        while len(job := _descendants(proc.pid)) < 10 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(job) >= 10, job
+        (rank0,) = [p for p in _children(proc.pid) if _rank_of(p) == 0]
+        os.kill(rank0, signal.SIGKILL)
+        proc.communicate(timeout=120)
+        deadline = time.time() + 10
+        while any(_alive(p) for p in job) and time.time() < deadline:
+            time.sleep(0.2)
+        left = [p for p in job if _alive(p)]
+    finally:
+        proc.kill()
+        for pid in job:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:100] for p in left if Path(f"/proc/{p}").exists()]
