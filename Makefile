@@ -17,7 +17,7 @@ selfcheck: install  ## every registered norm on real Fashion-MNIST images (group
 	$(PY) -m mabn.selfcheck
 
 test: install lint  ## the whole test suite, 2 workers, one thread each (two cores oversubscribed crawl)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup --timeout=1800 -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup --timeout=1800 -q --durations=15
 
 bench: install      ## layer, model and inference benchmarks on this machine -> results/performance.md
 	$(PY) scripts/bench_layer.py $(BENCH_LAYER_ARGS)
