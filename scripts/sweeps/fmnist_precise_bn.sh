@@ -5,7 +5,7 @@
 # bn at n = 1, 2, 4, 8, 16, 32; mabn and brn at n = 2 and 32; three seeds; the n = 2 and 32 cells first:
 # 30 + 18 runs, about 3.5 min each on one core, with
 #   LAUNCHER=joblib JOBS=2 bash scripts/sweeps/fmnist_precise_bn.sh
-#   python scripts/make_tables.py --collect runs/fmnist_precise_bn-* runs/fmnist_frozen_bn-*
+#   python scripts/make_tables.py --collect runs/fmnist_precise_bn-* runs/fmnist_frozen_bn-* --table fmnist_precise_bn
 . "$(dirname "$0")/common.sh"
 common=(logger=none seed=0,1,2)
 sweep train_imagenet.py experiment=fmnist_precise_bn norm=bn,mabn,brn batch=2,32 "${common[@]}" "$@"
