@@ -127,3 +127,18 @@ def _cells(commands, experiment="fmnist"):
         cells += [(int(args["seed"]), norm, int(n)) for norm in args["norm"].split(",")
                   for n in args["batch"].split(",")]
     return cells
+
+
+def test_precise_bn_sweep_cells():
+    """results/fmnist_precise_bn.md's cells: bn at n = 1-32 evaluated four ways and trained frozen, mabn and brn at
+    n = 2 and 32, three seeds, the n = 2 and 32 cells first: 30 + 18 runs."""
+    commands = _dry_run("fmnist_precise_bn.sh", LAUNCHER="local")
+    assert [c.split("experiment=")[1].split()[0] for c in commands] == [
+        "fmnist_precise_bn", "fmnist_frozen_bn", "fmnist_precise_bn", "fmnist_frozen_bn"]
+    cells = 0
+    for c in commands:
+        norms = c.split("norm=")[1].split()[0].split(",")
+        batches = c.split("batch=")[1].split()[0].split(",")
+        cells += len(norms) * len(batches) * 3
+        assert "seed=0,1,2" in c and "logger=none" in c
+    assert cells == 48 and commands[0].split("batch=")[1].startswith("2,32")
