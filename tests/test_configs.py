@@ -157,3 +157,22 @@ def test_brn_schedule_experiment_is_the_cpu_protocol_with_a_run_per_setting():
     assert "-schedule_ref_iters_none-" in off.run.name
     assert compose_cfg("experiment=fmnist_brn_schedule", "norm=bn", "batch=2").run.name == \
         "brn_schedule-fmnist-cifar_resnet8-bn-n2-b32-s0"
+
+
+# experiments whose brn runs train BRN's schedule unscaled, on purpose or of record
+UNSCALED_BRN = {"fmnist_long": "its committed brn records trained the unscaled schedule (no preset existed): kept, so "
+                               "that its seeds share one protocol (results/README.md says so)"}
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("fmnist*.yaml")))
+def test_every_fashion_mnist_experiment_scales_brns_schedule_to_its_run(experiment):
+    """BRN's 5000-iteration warm-up outlasts a Fashion-MNIST run: without its experiment's preset
+    (configs/norm_preset/<experiment>_brn.yaml) brn would be plain bn throughout, as the first three brn@2 runs of
+    fmnist_precise_bn were (equal to bn seed by seed; discarded)."""
+    norm = compose_cfg(f"experiment={experiment}", "norm=brn", "batch=2").norm
+    if experiment in UNSCALED_BRN:
+        assert norm.schedule_ref_iters is None, UNSCALED_BRN[experiment]
+    elif experiment == "fmnist_brn_schedule":  # its rows set the schedule themselves
+        assert norm.schedule_ref_iters in (50000, None)
+    else:
+        assert norm.schedule_ref_iters == 50000, f"configs/norm_preset/{experiment}_brn.yaml is missing"
