@@ -102,8 +102,11 @@ TIMEOUT_S = [600]  # the process group's collective timeout (train.dist_timeout_
 def collective_timeout_message(err: BaseException) -> str | None:
     """One line for a collective that timed out on this rank (a stalled or dead peer), else None."""
     text = str(err)
-    if not (dist.is_available() and dist.is_initialized()) or not any(
-            key in text for key in ("Timed out", "timed out", "Timeout", "timeout")):
+    timed_out = any(key in text for key in ("Timed out", "timed out", "timeout"))
+    # gloo: "[.../gloo/transport/tcp/...] Timed out waiting 600000ms for recv operation"; NCCL's watchdog:
+    # "Watchdog caught collective operation timeout: WorkNCCL(...)"; a DataLoader's own timeout is neither
+    collective = any(key in text for key in ("gloo", "NCCL", "Watchdog", "ProcessGroup", "collective"))
+    if not (dist.is_available() and dist.is_initialized()) or not (timed_out and collective):
         return None
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return (f"rank {dist.get_rank()} of {dist.get_world_size()} waited train.dist_timeout_s={TIMEOUT_S[0]} s in a "
