@@ -232,16 +232,17 @@ def test_skipped_images_are_counted_in_the_summary(tmp_path):
     assert summary["skipped_images"] == 1 and summary["status"] == "finished"
 
 
-def _children(pid: int) -> list[int]:
-    out = []
+def _processes():
+    """(pid, fields after the command name: state, ppid, pgrp, session, ...) of every process in /proc."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            yield int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
+
+
+def _children(pid: int) -> list[int]:
+    return [child for child, fields in _processes() if int(fields[1]) == pid]
 
 
 def _rank_of(pid: int) -> int | None:
@@ -478,15 +479,7 @@ def test_a_metrics_line_on_a_real_full_disk_is_kept_as_an_error_not_raised(small
 
 def _session(sid: int) -> list[int]:
     """The pids of the live (not zombie) processes in session ``sid``."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # (state, ppid, pgrp, session, ...)
-            out.append(int(stat.parent.name))
-    return out
+    return [pid for pid, fields in _processes() if int(fields[3]) == sid and fields[0] != "Z"]
 
 
 def test_kill_9_of_the_trainer_leaves_no_loader_process(tmp_path, data_root):
@@ -498,8 +491,10 @@ def test_kill_9_of_the_trainer_leaves_no_loader_process(tmp_path, data_root):
                   tmp_path, data_root)
     try:
         _wait_for("*/metrics.jsonl", tmp_path)
-        time.sleep(1.0)  # inside an epoch: the fork server and two workers are running
-        assert len(_session(proc.pid)) >= 4, _session(proc.pid)  # trainer, server, tracker, workers
+        deadline = time.time() + 60  # inside an epoch (workers restart each epoch): trainer, server, tracker, workers
+        while len(_session(proc.pid)) < 5 and time.time() < deadline:
+            time.sleep(0.1)
+        assert len(_session(proc.pid)) >= 5, _session(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         deadline = time.time() + 10
