@@ -119,10 +119,15 @@ def grid(records: list[dict]) -> dict[tuple[str, int, str], dict[int, float]]:
     return dict(out)
 
 
-def _paired(g: dict, a: tuple, b: tuple) -> Interval | None:
-    """The per-seed difference a − b over the seeds both have."""
+def _differences(g: dict, a: tuple, b: tuple) -> list[float]:
+    """a − b seed by seed, over the seeds both cells have (in seed order)."""
     seeds = sorted(set(g.get(a, {})) & set(g.get(b, {})), key=str)
-    return interval([g[a][s] - g[b][s] for s in seeds])
+    return [g[a][s] - g[b][s] for s in seeds]
+
+
+def _paired(g: dict, a: tuple, b: tuple) -> Interval | None:
+    """The interval of the per-seed difference a − b."""
+    return interval(_differences(g, a, b))
 
 
 def _values(g: dict, key: tuple) -> list[float]:
@@ -139,18 +144,13 @@ def _gap_text(iv: Interval | None) -> str:
     return f"{iv.mean:+.2f}" + (f" [{iv.low:+.2f}, {iv.high:+.2f}]" if iv.half is not None else "")
 
 
-def _per_seed_gap(g: dict, n: int, a: str, b: str) -> list[float]:
-    key_a, key_b = ("bn", n, a), ("bn", n, b)
-    return [g[key_a][s] - g[key_b][s] for s in set(g.get(key_a, {})) & set(g.get(key_b, {}))]
-
-
 def _gap_claim(g: dict, bn_ns: list[int], small: int, large: int) -> str:
     """1. The EMA − precise gap grows as n shrinks."""
     gaps = {n: _paired(g, ("bn", n, "ema"), ("bn", n, "precise_N")) for n in bn_ns}
     line = ", ".join(f"n={n}: {_gap_text(gaps[n])}" for n in bn_ns if gaps[n] is not None)
     grow = None
     if gaps.get(small) and gaps.get(large) and gaps[small].half is not None and gaps[large].half is not None:
-        diff = unpaired(_per_seed_gap(g, small, "ema", "precise_N"), _per_seed_gap(g, large, "ema", "precise_N"))
+        diff = unpaired(*(_differences(g, ("bn", n, "ema"), ("bn", n, "precise_N")) for n in (small, large)))
         grow = diff is not None and diff.low > 0
         line += f"; gap at n={small} − gap at n={large}: {_gap_text(diff)}"
     return (f"1. The EMA − precise (B = N) gap grows as n shrinks (Wu & Johnson: −0.2 at 32, +3.5 at 2): "
