@@ -151,11 +151,6 @@ def run(args) -> list[dict]:
     return rows
 
 
-def parse_norm_or_none(label: str) -> str:
-    """The base name of a label, for the unknown-name message."""
-    return label.partition("[")[0]
-
-
 def main(argv=None) -> int:
     p = parser(__doc__, "model", repeats=5, warmup=2)
     p.add_argument("--model", default="resnet50")
@@ -171,7 +166,7 @@ def main(argv=None) -> int:
     args.norms = [s for s in args.norms.split(",") if s]
     args.graphs = args.graphs == "true"
     for flag, names in (("--norms", args.norms), ("--small-norms", args.small_norms)):
-        unknown = sorted(set(parse_norm_or_none(n) for n in names) - set(NORMS) - {None})
+        unknown = sorted({name.partition("[")[0] for name in names} - set(NORMS))  # every unknown base name
         if unknown:
             p.error(f"{flag}: unknown {unknown}; choose from {list(NORMS)}")
         for name in names:
