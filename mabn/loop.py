@@ -242,7 +242,7 @@ class TrainLoop:
         def run(model):
             return evaluate(model, self.p.val_loader, self.p.criterion, self.p.ctx, self.s.eval_max_batches)
 
-        rows = [{"stats": "ema", **run(self.p.net)}]
+        rows = [evaluate_statistics(self.p.net, run, stats="ema")]
         if self.s.batch_stats_eval:
             rows.append(evaluate_statistics(self.p.model, run, stats="batch", group_size=self.s.batch_group))
         if self.s.precise_when == "epoch" or (self.s.precise_when == "end" and last):

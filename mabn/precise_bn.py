@@ -121,10 +121,10 @@ def evaluate_statistics(model: nn.Module, evaluate, *, stats: str, group_size: i
       own statistics, no state changed.
 
     ``evaluate(model) -> metrics`` runs the validation pass. Returns the metrics with what was done."""
-    layers = [m for m in model.modules() if isinstance(m, batch_dependent_types())]
     if stats == "ema":
         return {"stats": "ema", **evaluate(model)}
     if stats == "batch":
+        layers = [m for m in model.modules() if isinstance(m, batch_dependent_types())]
         with protocol.batch_statistics(layers, group_size):
             return {"stats": "batch", "batch": group_size, **evaluate(model)}
     if stats == "precise":
